@@ -1,0 +1,1 @@
+"""The EnSync-compatible server: WebSocket protocol, admin API, configuration."""

@@ -1,0 +1,39 @@
+"""Every exception the broker raises on purpose, in one tree.
+
+    BrokerError                  base; carries a wire ``code`` and a short message
+    ├── ProtocolError            a frame we cannot parse or that lacks parameters
+    ├── RequestRejected          a well-formed request the state machine refuses
+    └── Unavailable              no quorum, or the write did not commit in time
+
+``code`` is the token that follows ``-FAIL:`` on the wire (spec section 3.13).
+Messages are short, lowercase, and never contain exception text from a library:
+foreign errors are mapped at the I/O edge with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def wire(self) -> str:
+        """The ``-FAIL:`` frame for this error; ``;`` never leaks into MESSAGE."""
+        return f"-FAIL:{self.code};MESSAGE={self.message.replace(';', ',')}"
+
+
+class ProtocolError(BrokerError):
+    code = "INVALID_PARAMETER"
+
+
+class RequestRejected(BrokerError):
+    code = "NOT_FOUND"
+
+
+class Unavailable(BrokerError):
+    code = "UNAVAILABLE"

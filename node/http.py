@@ -1,0 +1,167 @@
+"""HTTP routes on the node port: the WebSocket endpoint, health, metrics, admin."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import orjson
+from aiohttp import web
+
+from node.errors import BrokerError, Unavailable
+from node.session import Connection
+from raft import schema
+
+log = logging.getLogger("ensync.http")
+
+ADMIN_BODY_BYTES_MAX = 64 * 1024
+NODE_KEY = web.AppKey("node", object)
+
+
+def build_app(node) -> web.Application:
+    app = web.Application(client_max_size=ADMIN_BODY_BYTES_MAX,
+                          middlewares=[_admin_auth])
+    app[NODE_KEY] = node
+    app.router.add_get("/message", _websocket)
+    app.router.add_get("//message", _websocket)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/status", _status)
+    app.router.add_get("/admin/digest", _digest)
+    app.router.add_get("/admin/keys", _list_keys)
+    app.router.add_post("/admin/keys", _create_key)
+    return app
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status,
+                        content_type="application/json")
+
+
+def _error(code: str, message: str, status: int) -> web.Response:
+    return _json({"error": code, "message": message}, status)
+
+
+@web.middleware
+async def _admin_auth(request: web.Request, handler):
+    if request.path.startswith("/admin/"):
+        token = request.app[NODE_KEY].cfg.admin_token
+        given = request.headers.get("Authorization", "")
+        if not token or not hmac.compare_digest(given, f"Bearer {token}"):
+            return _error("UNAUTHORIZED", "admin credential required", 401)
+    try:
+        return await handler(request)
+    except Unavailable as exc:
+        return _error(exc.code, exc.message, 503)
+    except BrokerError as exc:
+        return _error(exc.code, exc.message, 400)
+
+
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    ws = web.WebSocketResponse(heartbeat=node.cfg.ws_heartbeat_ms / 1000,
+                               max_msg_size=(1 << 20) + 1, compress=False)
+    await ws.prepare(request)
+    conn = Connection(node, ws, request.remote or "?")
+    await conn.run()
+    return ws
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "id": request.app[NODE_KEY].id})
+
+
+async def _status(request: web.Request) -> web.Response:
+    return _json(request.app[NODE_KEY].status())
+
+
+async def _digest(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    with node.broker.lock:
+        applied = node.broker.store.applied_index
+        digest = node.broker.store.digest()
+    return _json({"id": node.id, "applied_index": applied, "digest": digest})
+
+
+async def _list_keys(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    with node.broker.lock:
+        apps = dict(node.broker.state.apps)
+    keys = [{"name": a["name"], "app_id": app_id, "send": a["send"],
+             "receive": a["receive"], "created_ms": a["created_ms"]}
+            for app_id, a in sorted(apps.items(), key=lambda kv: kv[1]["name"])]
+    return _json({"keys": keys})
+
+
+async def _create_key(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    try:
+        body = orjson.loads(await request.read())
+        name, send, receive = body["name"], body["send"], body["receive"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return _error("INVALID_PARAMETER", "body needs name, send and receive", 400)
+    if not _valid_key_request(name, send, receive):
+        return _error("INVALID_PARAMETER",
+                      "name is 1-64 characters; send and receive are lists of "
+                      "patterns", 400)
+
+    material = node.create_key_material()
+    op = {"op": "key_create", "name": name, "send": send, "receive": receive,
+          "app_id": material["app_id"],
+          "key_hash": schema.hash_access_key(material["access_key"])}
+    try:
+        await node.commit(op)
+    except BrokerError as exc:
+        if exc.code == "NAME_TAKEN" and body.get("if_absent"):
+            existing = node.app_record(_app_by_name(node, name))
+            return _json({"name": name, "app_id": _app_by_name(node, name),
+                          "send": existing["send"], "receive": existing["receive"],
+                          "created": False})
+        status = 409 if exc.code in ("NAME_TAKEN", "KEY_EXISTS") else 400
+        return _error(exc.code, exc.message, status)
+    log.info("key created name=%s", name)
+    return _json({**material, "name": name, "send": send, "receive": receive,
+                  "created": True}, 201)
+
+
+def _app_by_name(node, name: str) -> str | None:
+    with node.broker.lock:
+        return node.broker.state.app_names.get(name)
+
+
+def _valid_key_request(name, send, receive) -> bool:
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        return False
+    for patterns in (send, receive):
+        if not isinstance(patterns, list) or len(patterns) > 64:
+            return False
+        if not all(isinstance(p, str) and 0 < len(p) <= 256 and ";" not in p
+                   for p in patterns):
+            return False
+    return True
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    status = node.status()
+    journal = node.broker.journal().statistics()
+    stats = node.broker.state.statistics()
+    prop = node.proposer.statistics()
+    lines = [
+        f"ensync_raft_term {status['term']}",
+        f"ensync_raft_commit_index {status['commit_index']}",
+        f"ensync_raft_applied_index {status['applied_index']}",
+        f"ensync_raft_is_leader {int(status['role'] == 'leader')}",
+        f"ensync_raft_batches_total {prop['batches_total']}",
+        f"ensync_raft_batched_ops_total {prop['ops_total']}",
+        f"ensync_journal_fsync_total {journal.fsync_total}",
+        f"ensync_journal_fsync_seconds_total {journal.fsync_seconds_total:.6f}",
+        f"ensync_snapshot_installs_total {node.broker.snapshot_installs}",
+        f"ensync_sessions {stats.sessions}",
+        f"ensync_clients {status['clients']}",
+        f"ensync_pending_events {stats.pending_events}",
+        f"ensync_inflight_events {stats.inflight_events}",
+        f"ensync_deliveries_total {node.counters['deliveries_total']}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n",
+                        content_type="text/plain")

@@ -1,0 +1,279 @@
+"""A node: the aiohttp app, its clients, the admin API, and the leader's dispatcher.
+
+Data flow of one event: a PUB on any node becomes a ``publish`` op, grouped with
+others by the ``Proposer`` into one Raft entry. When the entry is applied on the
+node that took the PUB, the publisher gets ``+PASS``. On the leader, the
+dispatcher then plans an ``assign`` (event -> session with a free slot) and
+proposes it; when that entry is applied on the node serving the session, the
+record is pushed. The ACK is one more op, which frees the slot.
+
+The dispatcher also turns time into ops: expired acknowledgements (``requeue``)
+and sessions on nodes the leader has not heard from (``node_down``). Both carry
+the leader's term, and apply ignores them from an older term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from node.errors import BrokerError, RequestRejected, Unavailable
+from node.session import Connection
+from raft import schema
+from raft.machine import Proposer, RaftConfig, ReplicatedBroker, now_ms
+from raft.state import Close, Push
+
+log = logging.getLogger("ensync.node")
+
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+@dataclass
+class NodeConfig:
+    raft: RaftConfig
+    host: str = "127.0.0.1"
+    port: int = 8081
+    admin_token: str = ""
+    ack_timeout_ms: int = 60_000
+    node_down_ms: int = 5_000
+    dispatch_interval_ms: int = 20
+    dispatch_ops_max: int = 512
+    plan_age_ms_max: int = 15_000
+    ping_interval_ms: int = 30_000
+    ws_heartbeat_ms: int = 20_000
+
+    @property
+    def id(self) -> str:
+        return self.raft.node_id
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.boot = secrets.token_hex(4)
+        self.connections: dict[str, Connection] = {}
+        self._session_seq = itertools.count(1)
+        self._applied: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.broker = ReplicatedBroker(cfg.raft, self._on_applied)
+        self.proposer = Proposer(self.broker, self.loop)
+        self._tasks: list[asyncio.Task] = []
+        self._leading = False
+        self._node_seen_ms: dict[str, int] = {}
+        self._node_down_sent_ms: dict[str, int] = {}
+        self.counters = collections.Counter()
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._dispatch_loop()))
+        self._tasks.append(asyncio.create_task(self._announce_boot()))
+        self._tasks.append(asyncio.create_task(self._ping_loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in list(self.connections.values()):
+            await conn.ws.close(code=1001, message=b"node shutting down")
+        self.broker.destroy()
+        self.broker.store.close()
+
+    # -- state access (loop thread) -------------------------------------------------
+
+    def app_for_key(self, access_key: str) -> str | None:
+        with self.broker.lock:
+            return self.broker.state.key_hashes.get(schema.hash_access_key(access_key))
+
+    def app_record(self, app_id: str | None) -> dict | None:
+        with self.broker.lock:
+            return self.broker.state.apps.get(app_id)
+
+    def new_session_id(self) -> str:
+        return f"{self.id}.{self.boot}.{next(self._session_seq)}"
+
+    async def commit(self, op: dict) -> dict:
+        op["ts"] = now_ms()
+        result = await self.proposer.propose(op)
+        if result.get("error"):
+            raise BrokerError(result["message"], result["error"])
+        return result
+
+    # -- applied entries: tick thread -> loop thread ------------------------------
+
+    def _on_applied(self, effects) -> None:
+        first = not self._applied
+        self._applied.extend(effects)
+        if first:
+            self.loop.call_soon_threadsafe(self._drain_applied)
+
+    def _drain_applied(self) -> None:
+        self._wake.set()
+        while self._applied:
+            effect, body = self._applied.popleft()
+            if isinstance(effect, Push):
+                self._deliver(effect, body)
+            elif isinstance(effect, Close):
+                self._close_local(effect)
+
+    def _deliver(self, push: Push, body: bytes) -> None:
+        conn = self.connections.get(push.sid)
+        if conn is not None:
+            self.counters["deliveries_total"] += 1
+            conn.push(push.pattern, body)
+        elif push.sid.startswith(self.id + "."):
+            # Ours, but the socket is gone and its close has not committed yet.
+            asyncio.ensure_future(self._close_session(push.sid, "socket gone"))
+
+    def _close_local(self, close: Close) -> None:
+        if close.sid == "*":  # a snapshot replaced the state: drop what it lacks
+            with self.broker.lock:
+                gone = [s for s in self.connections if s not in self.broker.state.sessions]
+        else:
+            gone = [close.sid] if close.sid in self.connections else []
+        for sid in gone:
+            conn = self.connections.pop(sid)
+            log.info("closing client sid=%s reason=%s", sid, close.reason)
+            asyncio.ensure_future(conn.ws.close(code=4000, message=b"session expired"))
+
+    # -- client lifecycle ---------------------------------------------------------------
+
+    async def on_disconnect(self, conn: Connection) -> None:
+        if conn.sid is None:
+            return
+        self.connections.pop(conn.sid, None)
+        await self._close_session(conn.sid, "client closed")
+
+    async def _close_session(self, sid: str, reason: str) -> None:
+        # Bounded retries; if all fail, the push path or node_down closes it later.
+        for attempt in range(5):
+            try:
+                await self.commit({"op": "session_close", "sid": sid, "reason": reason})
+                return
+            except Unavailable:
+                await asyncio.sleep(0.2 * (attempt + 1))
+        log.warning("could not close session sid=%s", sid)
+
+    async def _announce_boot(self) -> None:
+        """Close sessions a previous run of this node left in the replicated state."""
+        while True:
+            try:
+                result = await self.commit({"op": "node_boot", "node": self.id,
+                                            "boot": self.boot})
+                log.info("boot announced closed_sessions=%d", result["closed"])
+                return
+            except Unavailable:
+                await asyncio.sleep(0.5)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ping_interval_ms / 1000)
+            for conn in list(self.connections.values()):
+                if not conn.ws.closed:
+                    asyncio.ensure_future(_send_quietly(conn.ws, "PING"))
+
+    # -- leader's dispatcher -------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        interval_s = self.cfg.dispatch_interval_ms / 1000
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                ops = self._plan()
+            except Exception:
+                log.exception("dispatcher failed")
+                ops = []
+            if ops:
+                asyncio.ensure_future(self._propose_all(ops))
+            await asyncio.sleep(0)  # let the proposals batch together
+
+    def _plan(self) -> list[dict]:
+        leading = self.broker._isLeader()
+        if leading != self._leading:
+            self._leading = leading
+            with self.broker.lock:
+                self.broker.state.forget_plans()
+            log.info("%s term=%d", "leading" if leading else "no longer leading",
+                     self.broker.raftCurrentTerm)
+        if not leading:
+            return []
+
+        now = now_ms()
+        term = self.broker.raftCurrentTerm
+        with self.broker.lock:
+            state = self.broker.state
+            state.expire_plans(now, self.cfg.plan_age_ms_max)
+            ops = state.plan(now, term, self.cfg.ack_timeout_ms,
+                             self.cfg.dispatch_ops_max)
+            nodes = state.nodes_with_sessions()
+        return ops + self._node_down_ops(nodes, now, term)
+
+    def _node_down_ops(self, nodes: set[str], now: int, term: int) -> list[dict]:
+        connected = self.broker.connected_ids()
+        ops = []
+        for node in nodes - {self.id}:
+            if node in connected:
+                self._node_seen_ms[node] = now
+                continue
+            seen = self._node_seen_ms.setdefault(node, now)
+            sent = self._node_down_sent_ms.get(node, 0)
+            if now - seen > self.cfg.node_down_ms and now - sent > self.cfg.node_down_ms:
+                self._node_down_sent_ms[node] = now
+                log.warning("node unreachable, closing its sessions node=%s",
+                            node)
+                ops.append({"op": "node_down", "node": node, "term": term, "ts": now})
+        return ops
+
+    async def _propose_all(self, ops: list[dict]) -> None:
+        results = await asyncio.gather(*(self.proposer.propose(op) for op in ops),
+                                       return_exceptions=True)
+        self.counters["decisions_total"] += len(ops)
+        self.counters["decisions_failed_total"] += sum(
+            1 for r in results if isinstance(r, Exception))
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        raw = self.broker.getStatus()
+        return {
+            "id": self.id,
+            "role": ROLES.get(raw.get("state"), "follower"),
+            "term": raw.get("raft_term", 0),
+            "commit_index": raw.get("commit_idx", 0),
+            "applied_index": self.broker.store.applied_index,
+            "raft_last_applied": raw.get("last_applied", 0),
+            "leader": self.broker.leader_id(),
+            "has_quorum": bool(raw.get("has_quorum")),
+            "clients": len(self.connections),
+            "ws_url": f"ws://{self.cfg.host}:{self.cfg.port}/message",
+            "raft_address": self.cfg.raft.raft_address,
+            "log_len": raw.get("log_len", 0),
+        }
+
+    def create_key_material(self) -> dict:
+        signing = SigningKey.generate()
+        public = bytes(signing.verify_key)
+        return {
+            "access_key": "ensk_" + secrets.token_urlsafe(32),
+            "app_id": base64.b64encode(public).decode(),
+            "secret_key": base64.b64encode(bytes(signing) + public).decode(),
+        }
+
+
+async def _send_quietly(ws, text: str) -> None:
+    try:
+        await ws.send_str(text)
+    except ConnectionError:
+        pass
+

@@ -1,0 +1,225 @@
+"""One client WebSocket: requests in, replies out in request order, pushes.
+
+The problem: the SDK pairs replies with requests purely by arrival order and has
+several requests outstanding at once (spec 1.4). A PUB waits for a Raft commit
+while a later request may be answered at once; answering the later one first
+would shift every reply onto the wrong request for the rest of the connection.
+
+The approach: each request becomes an awaitable appended to a bounded queue, and
+one writer task awaits them strictly in order and sends exactly one reply per
+request. Pushed ``+RECORD:`` frames do not consume a reply slot on the client, so
+they go out as soon as the assignment is applied here. When the reply queue is
+full the reader stops reading: backpressure lands on the client's socket.
+
+Every failure a client can cause becomes one ``-FAIL:`` reply; nothing a client
+sends can raise out of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from node import protocol
+from node.errors import BrokerError, ProtocolError, RequestRejected
+from raft import schema
+
+log = logging.getLogger("ensync.session")
+
+# Requests read but not yet answered, per connection; the reader waits beyond it.
+PENDING_REQUESTS_MAX = 1024
+# Spec 9.4: the SDK may drop a record pushed right after +PASS:SUBSCRIBED.
+PUSH_HOLD_AFTER_SUB_MS = 200
+
+
+def covers(granted: str, wanted: str) -> bool:
+    """Whether permission pattern ``granted`` covers subscription ``wanted``."""
+    if granted == "*" or granted == wanted:
+        return True
+    if granted.endswith("/*"):
+        return wanted.startswith(granted[:-1])
+    return False
+
+
+class Connection:
+    def __init__(self, node, ws: web.WebSocketResponse, peer: str) -> None:
+        self.node = node
+        self.ws = ws
+        self.peer = peer
+        self.sid: str | None = None
+        self.app: str | None = None
+        self.replies: asyncio.Queue = asyncio.Queue(PENDING_REQUESTS_MAX)
+        self.sub_ready_at: dict[str, float] = {}
+        self.requests_total = 0
+        self.pushes_total = 0
+
+    # -- reading ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_replies())
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self._enqueue(_failed(ProtocolError(
+                        "binary frames are not part of the protocol")))
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            writer.cancel()
+            await self.node.on_disconnect(self)
+
+    async def _on_text(self, text: str) -> None:
+        if text == "PONG":
+            return
+        self.requests_total += 1
+        try:
+            request = protocol.parse_request(text)
+        except ProtocolError as exc:
+            log.info("bad frame peer=%s code=%s", self.peer, exc.code)
+            await self._enqueue(_failed(exc))
+            return
+        await self._enqueue(self._handle(request))
+
+    async def _enqueue(self, awaitable) -> None:
+        task = asyncio.ensure_future(awaitable)
+        await self.replies.put(task)
+
+    async def _write_replies(self) -> None:
+        while True:
+            task = await self.replies.get()
+            try:
+                reply = await task
+            except BrokerError as exc:
+                reply = exc.wire()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("request failed unexpectedly")
+                reply = "-FAIL:INTERNAL_ERROR;MESSAGE=internal error"
+            if self.ws.closed:
+                continue
+            try:
+                await self.ws.send_str(reply)
+            except ConnectionError:
+                return
+
+    # -- requests ----------------------------------------------------------------
+
+    async def _handle(self, req: protocol.Request) -> str:
+        if req.verb == "CONN":
+            return await self._conn(req)
+        if self.sid is None or req.get("CLIENT_ID") != self.sid:
+            raise RequestRejected("unknown client id for this connection",
+                                  "CLIENT_NOT_FOUND")
+        handler = getattr(self, "_" + req.verb.lower(), None)
+        if handler is None:
+            # TODO(#3): PAUSE, CONTINUE, DEFER, DISCARD, REPLAY and ROLLBACK; until
+            # then they get one clear failure each, so reply pairing holds.
+            raise RequestRejected(f"{req.verb} is not supported yet", "NOT_SUPPORTED")
+        return await handler(req)
+
+    async def _conn(self, req: protocol.Request) -> str:
+        key = req.get("ACCESS_KEY")
+        if not key:
+            client_id = req.get("CLIENT_ID")
+            if client_id and client_id == self.sid:
+                return protocol.passed("CONNECTED", CLIENT_ID=self.sid)
+            if client_id:
+                raise RequestRejected("unknown client id", "CLIENT_NOT_FOUND")
+            raise ProtocolError("missing ACCESS_KEY", "MISSING_PARAMETERS")
+
+        app = self.node.app_for_key(key)
+        if app is None:
+            raise RequestRejected("access key is not valid", "UNAUTHORIZED")
+        if self.sid is not None and app == self.app:
+            return protocol.conn_passed(self.sid, app)
+        if self.sid is not None:
+            raise RequestRejected("connection is bound to another key", "UNAUTHORIZED")
+
+        sid = self.node.new_session_id()
+        await self.node.commit({"op": "session_open", "sid": sid, "app": app,
+                                "node": self.node.id, "boot": self.node.boot})
+        self.sid, self.app = sid, app
+        self.node.connections[sid] = self
+        return protocol.conn_passed(sid, app)
+
+    async def _pub(self, req: protocol.Request) -> str:
+        name = req.get("EVENT_NAME")
+        app = self.node.app_record(self.app)
+        if not any(schema.matches(p, name) for p in app["send"]):
+            raise RequestRejected(f"no send permission for {name}", "PERMISSION_DENIED")
+        if "*" in name:
+            raise ProtocolError("EVENT_NAME of a PUB must not hold a wildcard")
+        if self.node.app_record(req.get("DELIVERY_TO")) is None:
+            raise RequestRejected("DELIVERY_TO names no known app", "INVALID_RECIPIENT")
+
+        op = {"op": "publish", "from": self.app, "to": req.get("DELIVERY_TO"),
+              "name": name, "payload": req.get("PAYLOAD"),
+              "metadata": _metadata(req.get("METADATA")), "node": self.node.id,
+              "sid": self.sid}
+        result = await self.node.commit(op)
+        return protocol.passed("PUBLISHED", IDEM=result["idem"], TIMESTAMP=result["ts"])
+
+    async def _sub(self, req: protocol.Request) -> str:
+        pattern = req.get("EVENT_NAME")
+        app = self.node.app_record(self.app)
+        if not any(covers(p, pattern) for p in app["receive"]):
+            raise RequestRejected(f"no receive permission for {pattern}",
+                                  "PERMISSION_DENIED")
+        loop = asyncio.get_running_loop()
+        self.sub_ready_at[pattern] = loop.time() + PUSH_HOLD_AFTER_SUB_MS / 1000
+        await self.node.commit({"op": "sub", "sid": self.sid, "pattern": pattern})
+        self.sub_ready_at[pattern] = loop.time() + PUSH_HOLD_AFTER_SUB_MS / 1000
+        return protocol.passed("SUBSCRIBED", EVENT_NAME=pattern)
+
+    async def _unsub(self, req: protocol.Request) -> str:
+        pattern = req.get("EVENT_NAME")
+        await self.node.commit({"op": "unsub", "sid": self.sid, "pattern": pattern})
+        return protocol.passed("UNSUBSCRIBED", EVENT_NAME=pattern, CLIENT_ID=self.sid)
+
+    async def _ack(self, req: protocol.Request) -> str:
+        idem = req.get("EVENT_IDEM")
+        await self.node.commit({"op": "ack", "sid": self.sid, "idem": idem})
+        return protocol.passed("ACKNOWLEDGED", IDEM=idem)
+
+    # -- pushes ------------------------------------------------------------------
+
+    def push(self, pattern: str, body: bytes) -> None:
+        """Send one record; called on the loop thread once its assign is applied."""
+        loop = asyncio.get_running_loop()
+        hold_s = self.sub_ready_at.get(pattern, 0) - loop.time()
+        if hold_s > 0:
+            loop.call_later(hold_s, self.push, pattern, body)
+            return
+        self.pushes_total += 1
+        frame = protocol.record_frame(orjson.loads(body))
+        asyncio.ensure_future(self._send_push(frame))
+
+    async def _send_push(self, frame: str) -> None:
+        if self.ws.closed:
+            return
+        try:
+            await self.ws.send_str(frame)
+        except ConnectionError:
+            pass  # the disconnect path hands the record on
+
+
+def _metadata(raw: str | None) -> dict:
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("METADATA is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("METADATA must be a JSON object")
+    return value
+
+
+async def _failed(exc: BrokerError) -> str:
+    return exc.wire()

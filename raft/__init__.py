@@ -1,0 +1,1 @@
+"""Replicated broker state: the Raft log (pysyncobj), RocksDB, and the apply step."""

@@ -1,0 +1,311 @@
+"""The shell around the state machine: pysyncobj, RocksDB, threads and batching.
+
+Two threads meet here. pysyncobj's tick thread does all Raft I/O, appends to the
+journal, and runs ``_apply`` for each committed entry, which updates
+``BrokerState`` and RocksDB under ``lock``. The asyncio thread proposes batches
+and consumes what apply produced: results for waiting clients and effects
+(records to push to sessions served here). Results and effects cross threads
+through one deque, drained by a single ``call_soon_threadsafe`` per burst.
+
+Group commit: ``Proposer`` collects concurrent operations from every connection of
+this node into one Raft entry, bounded by ``batch_ops_max``, ``batch_bytes_max``
+and ``batches_in_flight_max``. While batches are in flight, new ops wait and the
+next entry grows, so the fsync per entry is shared by more writes under load.
+
+Forwarding: a follower's proposal goes to the leader through pysyncobj's own
+forwarding, and its callback fires when the follower has applied the entry
+itself, so a client reads its own writes on the node it talks to.
+
+Time: an op carries ``ts`` from the node that proposed it; the leader stamps
+delivery decisions itself. ``BrokerState`` clamps time so it never goes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+
+from node.errors import Unavailable
+from raft import snapshot
+from raft.durability import (SyncingTCPTransport, install_durable_journal,
+                             sync_journal_on_tick)
+from raft.state import BrokerState, Close, Push
+from raft.store import Store, applied_index_of
+
+log = logging.getLogger("ensync.raft")
+
+# pysyncobj chunks any command larger than its AppendEntries batch size, and that
+# path is buggy (reference/pysyncobj-rocksdict.md 6.2.3). The batch size is set
+# well above the largest command we build, so no command is ever chunked.
+APPEND_ENTRIES_BYTES_MAX = 8 << 20
+COMMAND_BYTES_MAX = 2 << 20
+
+
+@dataclass
+class RaftConfig:
+    node_id: str
+    raft_address: str
+    peers: dict[str, str]  # node id -> raft address
+    data_dir: str
+    raft_min_timeout_ms: int = 1000
+    raft_max_timeout_ms: int = 2500
+    leader_fallback_timeout_ms: int = 3000
+    compaction_min_entries: int = 20000
+    compaction_min_time_ms: int = 600_000
+    connection_timeout_ms: int = 30_000
+    append_period_ms: int = 10
+    tick_period_ms: int = 2
+    batch_ops_max: int = 512
+    batch_bytes_max: int = 1 << 20
+    batches_in_flight_max: int = 32
+    write_timeout_ms: int = 10_000
+    addresses: dict[str, str] = field(default_factory=dict)  # filled in post_init
+
+    def __post_init__(self) -> None:
+        self.addresses = {self.node_id: self.raft_address, **self.peers}
+
+
+class ReplicatedBroker(SyncObj):
+    """One Raft group whose log entries are batches of broker operations."""
+
+    def __init__(self, cfg: RaftConfig, on_applied) -> None:
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.state = BrokerState()
+        self.store = Store(os.path.join(cfg.data_dir, "state.rocksdb"))
+        self.state.load(self.store.state_rows())
+        self._on_applied = on_applied  # called on the tick thread
+        self.snapshot_installs = 0
+        self.apply_skipped = 0
+
+        install_durable_journal()
+        super().__init__(cfg.raft_address, list(cfg.peers.values()),
+                         self._conf(), transportClass=SyncingTCPTransport)
+        sync_journal_on_tick(self)
+        log.info("raft started address=%s applied=%d", cfg.raft_address, self.store.applied_index)
+
+    def _conf(self) -> SyncObjConf:
+        c = self.cfg
+        return SyncObjConf(
+            bindAddress=c.raft_address,  # never 0.0.0.0: the port unpickles input
+            journalFile=os.path.join(c.data_dir, "raft.journal"),
+            fullDumpFile=os.path.join(c.data_dir, "raft.snapshot"),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=c.append_period_ms / 1000,
+            autoTickPeriod=c.tick_period_ms / 1000,
+            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BYTES_MAX,
+            raftMinTimeout=c.raft_min_timeout_ms / 1000,
+            raftMaxTimeout=c.raft_max_timeout_ms / 1000,
+            leaderFallbackTimeout=c.leader_fallback_timeout_ms / 1000,
+            connectionTimeout=c.connection_timeout_ms / 1000,
+            logCompactionMinEntries=c.compaction_min_entries,
+            logCompactionMinTime=c.compaction_min_time_ms / 1000,
+            logCompactionSplit=True,
+            commandsWaitLeader=True,
+            dynamicMembershipChange=False,
+        )
+
+    # -- apply (tick thread) ---------------------------------------------------
+
+    @replicated
+    def apply_batch(self, blob: str):
+        index = self.raftLastApplied + 1
+        if index <= self.store.applied_index:
+            self.apply_skipped += 1
+            return None
+
+        ops = orjson.loads(blob)
+        with self.lock:
+            applied = self.state.apply(ops)
+            self.store.write(applied.writes, index)
+            effects = [self._resolve(e) for e in applied.effects]
+        if effects:
+            self._on_applied(effects)
+        return applied.results
+
+    def _resolve(self, effect):
+        """Attach the stored record to a push, since only this thread reads the DB."""
+        if isinstance(effect, Push):
+            body = self.store.get(b"e/%04x/%012x" % (effect.p, effect.off))
+            return effect, body
+        return effect, None
+
+    # -- snapshots (tick thread) -----------------------------------------------
+
+    def _serialize(self, path: str, data) -> None:
+        ckpt = os.path.join(self.cfg.data_dir, "snapshot.checkpoint")
+        try:
+            with self.lock:
+                applied = self.store.applied_index
+                self.store.checkpoint(ckpt)
+            size = snapshot.write_snapshot(path, ckpt, applied, data)
+            log.info("snapshot written applied=%d bytes=%d", applied, size)
+        except Exception:
+            log.exception("snapshot failed")
+            raise
+        finally:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _deserialize(self, path: str):
+        header = snapshot.read_header(path)
+        data = snapshot.raft_data(header)
+        if self.store.applied_index >= header["applied"]:
+            return data  # a restart: our database is already at least this new
+
+        live = self.store.path
+        fresh = live + ".incoming"
+        snapshot.extract(path, header, fresh)
+        got = applied_index_of(fresh)
+        if got != header["applied"]:
+            raise snapshot.SnapshotCorrupt(
+                f"snapshot holds index {got}, header says {header['applied']}")
+        self._swap_in(fresh)
+        log.info("snapshot installed applied=%d", got)
+        return data
+
+    def _swap_in(self, fresh: str) -> None:
+        live = self.store.path
+        with self.lock:
+            self.store.close()
+            shutil.rmtree(live + ".old", ignore_errors=True)
+            os.rename(live, live + ".old")
+            os.rename(fresh, live)
+            self.store.open()
+            self.state = BrokerState()
+            self.state.load(self.store.state_rows())
+            self.snapshot_installs += 1
+        shutil.rmtree(live + ".old", ignore_errors=True)
+        self._on_applied([(Close("*", "snapshot installed"), None)])
+
+    # -- status (any thread) ----------------------------------------------------
+
+    def node_id_of(self, address: str | None) -> str | None:
+        for node_id, addr in self.cfg.addresses.items():
+            if addr == address:
+                return node_id
+        return None
+
+    def leader_id(self) -> str | None:
+        leader = self._getLeader()
+        return self.node_id_of(leader.address if leader is not None else None)
+
+    def connected_ids(self) -> set[str]:
+        return {self.node_id_of(n.address) for n in self.otherNodes
+                if self.isNodeConnected(n)}
+
+    def journal(self):
+        # pysyncobj keeps the journal in a name-mangled private attribute.
+        return self._SyncObj__raftLog
+
+
+class Proposer:
+    """Groups concurrent operations of this node into Raft entries (group commit)."""
+
+    def __init__(self, broker: ReplicatedBroker, loop: asyncio.AbstractEventLoop):
+        self.broker = broker
+        self.cfg = broker.cfg
+        self.loop = loop
+        self._ops: list[tuple[dict, asyncio.Future]] = []
+        self._bytes = 0
+        self._in_flight = 0
+        self._flush_scheduled = False
+        self._done: collections.deque = collections.deque()
+        self.batches_total = 0
+        self.ops_total = 0
+
+    async def propose(self, op: dict) -> dict:
+        """Commit one op and return its result; raise Unavailable on timeout."""
+        fut = self.loop.create_future()
+        self._ops.append((op, fut))
+        self._bytes += _size_hint(op)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+        timeout_s = self.cfg.write_timeout_ms / 1000
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"no commit within {self.cfg.write_timeout_ms} ms, outcome unknown"
+            ) from None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._ops and self._in_flight < self.cfg.batches_in_flight_max:
+            batch = self._take_batch()
+            self._submit(batch)
+
+    def _take_batch(self) -> list[tuple[dict, asyncio.Future]]:
+        taken, size = [], 0
+        while self._ops and len(taken) < self.cfg.batch_ops_max:
+            op_size = _size_hint(self._ops[0][0])
+            if taken and size + op_size > self.cfg.batch_bytes_max:
+                break
+            taken.append(self._ops.pop(0))
+            size += op_size
+        self._bytes -= size
+        return taken
+
+    def _submit(self, batch) -> None:
+        blob = orjson.dumps([op for op, _ in batch]).decode()
+        assert len(blob) <= COMMAND_BYTES_MAX + 64 * 1024, len(blob)
+        futures = [fut for _, fut in batch]
+        self._in_flight += 1
+        self.batches_total += 1
+        self.ops_total += len(batch)
+
+        def on_result(result, err):  # tick thread
+            first = not self._done
+            self._done.append((futures, result, err))
+            if first:
+                self.loop.call_soon_threadsafe(self._drain)
+
+        self.broker.apply_batch(blob, callback=on_result)
+
+    def _drain(self) -> None:
+        while self._done:
+            futures, result, err = self._done.popleft()
+            self._in_flight -= 1
+            for i, fut in enumerate(futures):
+                if fut.done():
+                    continue
+                if err == FAIL_REASON.SUCCESS and result is not None:
+                    fut.set_result(result[i])
+                else:
+                    fut.set_exception(Unavailable(_fail_text(err)))
+        if self._ops and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def statistics(self) -> dict:
+        return {"batches_total": self.batches_total, "ops_total": self.ops_total,
+                "batches_in_flight": self._in_flight, "ops_waiting": len(self._ops)}
+
+
+def _size_hint(op: dict) -> int:
+    return 128 + len(op.get("payload", "")) + len(op.get("metadata_raw", ""))
+
+
+def _fail_text(err) -> str:
+    if err in (FAIL_REASON.LEADER_CHANGED, getattr(FAIL_REASON, "UNKNOWN_OUTCOME", -1)):
+        return "leader changed, outcome unknown"
+    if err == FAIL_REASON.SUCCESS:
+        return "entry was already applied before a restart"
+    return "write not committed"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

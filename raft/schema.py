@@ -1,0 +1,100 @@
+"""RocksDB key schema and partitioning, shared by the apply step and the readers.
+
+Every key is ASCII and sorts the way we scan it. Integers are fixed-width hex so
+lexicographic order is numeric order. Event keys carry the partition first, so a later
+issue can move a range of partitions to another Raft group by prefix.
+
+    m/applied                 last applied Raft index (8-byte big-endian)
+    m/fence                   highest leader term seen in a delivery decision
+    m/clock                   highest entry time applied (ms), keeps time monotonic
+    m/off/<p:04x>             next event offset of partition p
+    k/<sha256(access key)>    app id the key belongs to (we never store the key)
+    a/<app id>                app record: name, send/receive patterns, created_ms
+    s/<session id>            session: app, node, boot, opened_ms
+    b/<session id>/<pattern>  subscription of a session
+    e/<p:04x>/<off:012x>      event record as published (payload, metadata, ...)
+    d/<p:04x>/<off:012x>      delivery state of that event (state, session, attempts)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+# The number of partitions is fixed at cluster creation; changing it would move
+# apps between partitions, so it is part of the data, not a tuning knob.
+PARTITIONS_COUNT = 64
+# One Raft group serves every partition for now. A partition maps to a group by
+# ``partition % RAFT_GROUPS_COUNT``; the multi-group issue raises this value.
+RAFT_GROUPS_COUNT = 1
+
+APPLIED = b"m/applied"
+FENCE = b"m/fence"
+CLOCK = b"m/clock"
+
+
+def partition_of(app_id: str) -> int:
+    return zlib.crc32(app_id.encode()) % PARTITIONS_COUNT
+
+
+def group_of(partition: int) -> int:
+    return partition % RAFT_GROUPS_COUNT
+
+
+def offset_key(p: int) -> bytes:
+    return b"m/off/%04x" % p
+
+
+def key_hash_key(key_hash: str) -> bytes:
+    return b"k/" + key_hash.encode()
+
+
+def app_key(app_id: str) -> bytes:
+    return b"a/" + app_id.encode()
+
+
+def session_key(sid: str) -> bytes:
+    return b"s/" + sid.encode()
+
+
+def sub_key(sid: str, pattern: str) -> bytes:
+    return b"b/" + sid.encode() + b"/" + pattern.encode()
+
+
+def event_key(p: int, off: int) -> bytes:
+    return b"e/%04x/%012x" % (p, off)
+
+
+def delivery_key(p: int, off: int) -> bytes:
+    return b"d/%04x/%012x" % (p, off)
+
+
+def idem_of(p: int, off: int) -> str:
+    return "evt-%04x-%012x" % (p, off)
+
+
+def parse_idem(idem: str) -> tuple[int, int] | None:
+    """(partition, offset) of an idem we issued, or None for anything else."""
+    parts = idem.split("-")
+    if len(parts) != 3 or parts[0] != "evt":
+        return None
+    try:
+        p, off = int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None
+    if not (0 <= p < PARTITIONS_COUNT and off >= 1):
+        return None
+    return p, off
+
+
+def hash_access_key(access_key: str) -> str:
+    return hashlib.sha256(access_key.encode()).hexdigest()
+
+
+def matches(pattern: str, name: str) -> bool:
+    """``*`` matches everything, ``prefix/*`` any name under prefix at any depth."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        return name.startswith(pattern[:-1])
+    return pattern == name

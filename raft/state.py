@@ -1,0 +1,501 @@
+"""The broker's state machine: what every replica does with a committed batch.
+
+The problem: every node must reach the same state from the same log, and the
+leader must decide delivery (which session gets which event) in a way that a new
+leader neither skips nor repeats. pysyncobj gives us an ordered log; this module
+gives that log a meaning.
+
+The approach: ``BrokerState.apply`` takes one committed batch of operations and the
+entry's Raft index and returns three things: the RocksDB writes that make the batch
+durable, one result per operation (what the waiting client is told), and effects
+for the serving node (push this record to that local session, close that socket).
+It reads no clock, no random source and no network: times come inside the ops,
+stamped by the node that proposed them, and are clamped so they never go back.
+
+Delivery decisions are ops too. The leader calls ``plan`` (pure, over the applied
+state) and proposes ``assign``/``requeue``/``node_down`` ops stamped with its term.
+``apply`` re-validates each one against the state at that point of the log and
+ignores decisions from a term older than one already applied (a deposed leader
+that still believes it leads cannot move an event). So a stale plan is harmless,
+and the assignment that a serving node acts on is always the committed one.
+
+In memory we keep only what delivery needs: apps, sessions, subscriptions, and the
+events not yet acknowledged (without payloads). RocksDB holds everything, and
+``load`` rebuilds the memory from it at start and after a snapshot install.
+
+Rejected: applying on the asyncio thread (the snapshot would then not match
+pysyncobj's applied index), and keeping payloads in memory (unbounded).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import orjson
+
+from raft import schema
+
+PENDING = "pending"
+INFLIGHT = "inflight"
+ACKED = "acked"
+
+
+@dataclass
+class Event:
+    p: int
+    off: int
+    app: str
+    name: str
+    state: str = PENDING
+    sid: str | None = None
+    pattern: str | None = None
+    attempts: int = 0
+    deadline_ms: int = 0
+
+
+@dataclass
+class Session:
+    app: str
+    node: str
+    boot: str
+    opened_ms: int
+    subs: dict[str, bool] = field(default_factory=dict)  # pattern -> paused
+
+
+@dataclass(frozen=True)
+class Push:
+    sid: str
+    pattern: str
+    p: int
+    off: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Close:
+    sid: str
+    reason: str
+
+
+@dataclass
+class Applied:
+    writes: dict[bytes, bytes | None]
+    results: list[dict]
+    effects: list[Push | Close]
+
+
+@dataclass(frozen=True)
+class StateStatistics:
+    apps: int
+    sessions: int
+    subscriptions: int
+    pending_events: int
+    inflight_events: int
+
+
+def _fail(code: str, message: str) -> dict:
+    return {"error": code, "message": message}
+
+
+class BrokerState:
+    def __init__(self) -> None:
+        self.apps: dict[str, dict] = {}
+        self.key_hashes: dict[str, str] = {}
+        self.app_names: dict[str, str] = {}
+        self.sessions: dict[str, Session] = {}
+        self.app_sessions: dict[str, list[str]] = {}
+        self.events: dict[tuple[int, int], Event] = {}
+        self.queues: dict[str, dict[str, list[int]]] = {}  # app -> name -> heap
+        self.inflight: dict[tuple[str, str], tuple[int, int]] = {}
+        self.next_off: dict[int, int] = {}
+        self.fence_term = 0
+        self.clock_ms = 0
+        # Leader-local planning memory; never replicated, reset on leader change.
+        self.dirty_apps: set[str] = set()
+        self.planned: dict[tuple[int, int], int] = {}
+        self.planned_slots: dict[tuple[str, str], int] = {}
+
+    # -- loading ----------------------------------------------------------------
+
+    def load(self, rows) -> None:
+        """Rebuild memory from RocksDB rows (key, value) in key order."""
+        for key, value in rows:
+            prefix = key[:2]
+            if prefix == b"a/":
+                self._load_app(key[2:].decode(), orjson.loads(value))
+            elif prefix == b"k/":
+                self.key_hashes[key[2:].decode()] = value.decode()
+            elif prefix == b"s/":
+                s = orjson.loads(value)
+                self._add_session(key[2:].decode(), s)
+            elif prefix == b"b/":
+                sid, _, pattern = key[2:].decode().partition("/")
+                self.sessions[sid].subs[pattern] = orjson.loads(value)["paused"]
+            elif prefix == b"d/":
+                self._load_delivery(key, orjson.loads(value))
+            elif key.startswith(b"m/off/"):
+                self.next_off[int(key[6:], 16)] = int(value)
+            elif key == schema.FENCE:
+                self.fence_term = int(value)
+            elif key == schema.CLOCK:
+                self.clock_ms = int(value)
+        self.dirty_apps = set(self.apps)
+
+    def _load_app(self, app_id: str, rec: dict) -> None:
+        self.apps[app_id] = rec
+        self.app_names[rec["name"]] = app_id
+
+    def _load_delivery(self, key: bytes, d: dict) -> None:
+        if d["state"] == ACKED:
+            return
+        p, off = int(key[2:6], 16), int(key[7:], 16)
+        ev = Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
+                   d.get("pattern"), d["attempts"], d.get("deadline_ms", 0))
+        self.events[(p, off)] = ev
+        if ev.state == INFLIGHT:
+            self.inflight[(ev.sid, ev.pattern)] = (p, off)
+        else:
+            self._enqueue(ev)
+
+    # -- apply ------------------------------------------------------------------
+
+    def apply(self, ops: list[dict]) -> Applied:
+        assert isinstance(ops, list)
+
+        out = Applied({}, [], [])
+        for op in ops:
+            ts = op.get("ts", 0)
+            if ts > self.clock_ms:
+                self.clock_ms = ts
+                out.writes[schema.CLOCK] = b"%d" % ts
+            handler = _HANDLERS.get(op.get("op"))
+            if handler is None:
+                out.results.append(_fail("INVALID_PARAMETER", "unknown operation"))
+                continue
+            out.results.append(handler(self, op, out))
+        return out
+
+    def _op_key_create(self, op: dict, out: Applied) -> dict:
+        if op["name"] in self.app_names:
+            app_id = self.app_names[op["name"]]
+            return {**_fail("NAME_TAKEN", "key name exists"), "app_id": app_id}
+        if op["key_hash"] in self.key_hashes or op["app_id"] in self.apps:
+            return _fail("KEY_EXISTS", "key exists")
+
+        rec = {"name": op["name"], "send": op["send"], "receive": op["receive"],
+               "key_hash": op["key_hash"], "created_ms": self.clock_ms}
+        self._load_app(op["app_id"], rec)
+        self.key_hashes[op["key_hash"]] = op["app_id"]
+        out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
+        out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
+        return {"ok": True, "app_id": op["app_id"]}
+
+    def _op_session_open(self, op: dict, out: Applied) -> dict:
+        if op["app"] not in self.apps:
+            return _fail("UNAUTHORIZED", "unknown app")
+        if op["sid"] in self.sessions:
+            return {"ok": True}
+
+        rec = {"app": op["app"], "node": op["node"], "boot": op["boot"],
+               "opened_ms": self.clock_ms}
+        self._add_session(op["sid"], rec)
+        out.writes[schema.session_key(op["sid"])] = orjson.dumps(rec)
+        return {"ok": True}
+
+    def _add_session(self, sid: str, rec: dict) -> None:
+        self.sessions[sid] = Session(rec["app"], rec["node"], rec["boot"],
+                                     rec["opened_ms"])
+        self.app_sessions.setdefault(rec["app"], []).append(sid)
+
+    def _op_session_close(self, op: dict, out: Applied) -> dict:
+        if op["sid"] not in self.sessions:
+            return {"ok": True}
+        self._close_session(op["sid"], op.get("reason", "closed"), out)
+        return {"ok": True}
+
+    def _close_session(self, sid: str, reason: str, out: Applied) -> None:
+        session = self.sessions[sid]
+        for pattern in list(session.subs):
+            self._drop_sub(sid, pattern, out)
+        del self.sessions[sid]
+        self.app_sessions[session.app].remove(sid)
+        out.writes[schema.session_key(sid)] = None
+        out.effects.append(Close(sid, reason))
+
+    def _op_node_boot(self, op: dict, out: Applied) -> dict:
+        stale = [sid for sid, s in self.sessions.items()
+                 if s.node == op["node"] and s.boot != op["boot"]]
+        for sid in stale:
+            self._close_session(sid, "node restarted", out)
+        return {"ok": True, "closed": len(stale)}
+
+    def _op_node_down(self, op: dict, out: Applied) -> dict:
+        if not self._fence(op, out):
+            return _fail("STALE_TERM", "decision from an older term")
+        gone = [sid for sid, s in self.sessions.items() if s.node == op["node"]]
+        for sid in gone:
+            self._close_session(sid, "node unreachable", out)
+        return {"ok": True, "closed": len(gone)}
+
+    def _op_sub(self, op: dict, out: Applied) -> dict:
+        session = self.sessions.get(op["sid"])
+        if session is None:
+            return _fail("CLIENT_NOT_FOUND", "session is closed")
+        if op["pattern"] not in session.subs:
+            session.subs[op["pattern"]] = False
+            key = schema.sub_key(op["sid"], op["pattern"])
+            out.writes[key] = orjson.dumps({"paused": False})
+            self.dirty_apps.add(session.app)
+        return {"ok": True}
+
+    def _op_unsub(self, op: dict, out: Applied) -> dict:
+        session = self.sessions.get(op["sid"])
+        if session is None:
+            return _fail("CLIENT_NOT_FOUND", "session is closed")
+        if op["pattern"] not in session.subs:
+            return _fail("NOT_FOUND", "no such subscription")
+        self._drop_sub(op["sid"], op["pattern"], out)
+        return {"ok": True}
+
+    def _drop_sub(self, sid: str, pattern: str, out: Applied) -> None:
+        del self.sessions[sid].subs[pattern]
+        out.writes[schema.sub_key(sid, pattern)] = None
+        held = self.inflight.get((sid, pattern))
+        if held is not None:
+            self._return_to_queue(self.events[held], out)
+
+    def _op_publish(self, op: dict, out: Applied) -> dict:
+        if op["to"] not in self.apps:
+            return _fail("INVALID_RECIPIENT", "no app with that id")
+
+        p = schema.partition_of(op["to"])
+        off = self.next_off.get(p, 1)
+        self.next_off[p] = off + 1
+        idem = schema.idem_of(p, off)
+        record = {"idem": idem, "id": idem, "name": op["name"], "block": off,
+                  "loggedAt": self.clock_ms, "payload": op["payload"],
+                  "metadata": op["metadata"], "sender": op["from"]}
+
+        ev = Event(p, off, op["to"], op["name"])
+        self.events[(p, off)] = ev
+        self._enqueue(ev)
+        out.writes[schema.offset_key(p)] = b"%d" % (off + 1)
+        out.writes[schema.event_key(p, off)] = orjson.dumps(record)
+        self._write_delivery(ev, out)
+        return {"ok": True, "idem": idem, "ts": self.clock_ms}
+
+    def _op_assign(self, op: dict, out: Applied) -> dict:
+        key = (op["p"], op["off"])
+        self.planned.pop(key, None)
+        self.planned_slots.pop((op["sid"], op["pattern"]), None)
+        if not self._fence(op, out):
+            return _fail("STALE_TERM", "decision from an older term")
+
+        ev = self.events.get(key)
+        session = self.sessions.get(op["sid"])
+        if ev is None or ev.state != PENDING or session is None:
+            return _fail("STALE", "event or session changed")
+        if session.app != ev.app or session.subs.get(op["pattern"]) is not False:
+            return _fail("STALE", "subscription changed")
+        if not schema.matches(op["pattern"], ev.name):
+            return _fail("STALE", "pattern does not match")
+        if (op["sid"], op["pattern"]) in self.inflight:
+            return _fail("STALE", "slot is busy")
+
+        ev.state, ev.sid, ev.pattern = INFLIGHT, op["sid"], op["pattern"]
+        ev.attempts += 1
+        ev.deadline_ms = op["deadline_ms"]
+        self.inflight[(ev.sid, ev.pattern)] = key
+        self._write_delivery(ev, out)
+        out.effects.append(Push(ev.sid, ev.pattern, ev.p, ev.off, ev.attempts))
+        return {"ok": True}
+
+    def _op_ack(self, op: dict, out: Applied) -> dict:
+        ev, error = self._held_event(op)
+        if error:
+            return error
+        del self.inflight[(ev.sid, ev.pattern)]
+        del self.events[(ev.p, ev.off)]
+        ev.state = ACKED
+        self._write_delivery(ev, out)
+        self.dirty_apps.add(ev.app)
+        return {"ok": True, "idem": op["idem"]}
+
+    def _held_event(self, op: dict) -> tuple[Event | None, dict | None]:
+        """The in-flight event an ACK-like op names, if this session holds it."""
+        parsed = schema.parse_idem(op["idem"])
+        ev = self.events.get(parsed) if parsed else None
+        session = self.sessions.get(op["sid"])
+        if session is None:
+            return None, _fail("CLIENT_NOT_FOUND", "session is closed")
+        if ev is None or ev.app != session.app or ev.state != INFLIGHT:
+            return None, _fail("NOT_FOUND", "no such event in flight")
+        if ev.sid != op["sid"]:
+            return None, _fail("UNAUTHORIZED", "event is held by another client")
+        return ev, None
+
+    def _op_requeue(self, op: dict, out: Applied) -> dict:
+        if not self._fence(op, out):
+            return _fail("STALE_TERM", "decision from an older term")
+        ev = self.events.get((op["p"], op["off"]))
+        if ev is None or ev.state != INFLIGHT or ev.attempts != op["attempt"]:
+            return _fail("STALE", "event is not in that delivery any more")
+        self._return_to_queue(ev, out)
+        return {"ok": True}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _fence(self, op: dict, out: Applied) -> bool:
+        term = op["term"]
+        if term < self.fence_term:
+            return False
+        if term > self.fence_term:
+            self.fence_term = term
+            out.writes[schema.FENCE] = b"%d" % term
+        return True
+
+    def _return_to_queue(self, ev: Event, out: Applied) -> None:
+        del self.inflight[(ev.sid, ev.pattern)]
+        ev.state, ev.sid, ev.pattern, ev.deadline_ms = PENDING, None, None, 0
+        self._enqueue(ev)
+        self._write_delivery(ev, out)
+
+    def _enqueue(self, ev: Event) -> None:
+        heap = self.queues.setdefault(ev.app, {}).setdefault(ev.name, [])
+        heapq.heappush(heap, ev.off)
+        self.dirty_apps.add(ev.app)
+
+    def _write_delivery(self, ev: Event, out: Applied) -> None:
+        d = {"to": ev.app, "name": ev.name, "state": ev.state,
+             "attempts": ev.attempts}
+        if ev.state == INFLIGHT:
+            d.update(sid=ev.sid, pattern=ev.pattern, deadline_ms=ev.deadline_ms)
+        out.writes[schema.delivery_key(ev.p, ev.off)] = orjson.dumps(d)
+
+    # -- planning (leader only) ---------------------------------------------------
+
+    def plan(self, now_ms: int, term: int, ack_timeout_ms: int,
+             ops_max: int) -> list[dict]:
+        """Delivery decisions for the leader to propose; pure over applied state."""
+        assert ops_max > 0
+
+        ops = self._plan_timeouts(now_ms, term, ops_max)
+        for app in list(self.dirty_apps):
+            if len(ops) >= ops_max:
+                break
+            if self._plan_app(app, now_ms, term, ack_timeout_ms, ops, ops_max):
+                self.dirty_apps.discard(app)
+        for op in ops:
+            if op["op"] == "assign":
+                self.planned[(op["p"], op["off"])] = now_ms
+                self.planned_slots[(op["sid"], op["pattern"])] = now_ms
+        return ops
+
+    def _plan_timeouts(self, now_ms: int, term: int, ops_max: int) -> list[dict]:
+        ops = []
+        for key in self.inflight.values():
+            ev = self.events[key]
+            if ev.deadline_ms <= now_ms and len(ops) < ops_max:
+                ops.append({"op": "requeue", "p": ev.p, "off": ev.off,
+                            "attempt": ev.attempts, "term": term, "ts": now_ms,
+                            "reason": "ack timeout"})
+        return ops
+
+    def _plan_app(self, app: str, now_ms: int, term: int, ack_timeout_ms: int,
+                  ops: list[dict], ops_max: int) -> bool:
+        """Fill free slots of one app; True when nothing is left to plan there."""
+        queues = self.queues.get(app)
+        if not queues:
+            return True
+        sids = self.app_sessions.get(app, [])
+        # Rotate so that competing consumers take turns.
+        if sids:
+            sids.append(sids.pop(0))
+
+        for sid in list(sids):
+            for pattern, paused in self.sessions[sid].subs.items():
+                if paused or (sid, pattern) in self.inflight:
+                    continue
+                if (sid, pattern) in self.planned_slots:
+                    continue
+                ev = self._next_pending(app, queues, pattern)
+                if ev is None:
+                    continue
+                if len(ops) >= ops_max:
+                    return False
+                ops.append({"op": "assign", "p": ev.p, "off": ev.off, "sid": sid,
+                            "pattern": pattern, "term": term, "ts": now_ms,
+                            "deadline_ms": now_ms + ack_timeout_ms})
+                self.planned[(ev.p, ev.off)] = now_ms
+        return True
+
+    def _next_pending(self, app: str, queues: dict[str, list[int]], pattern: str):
+        """The oldest pending, unplanned event of the app that ``pattern`` matches."""
+        p = schema.partition_of(app)
+        best = None
+        for name, heap in queues.items():
+            if not schema.matches(pattern, name):
+                continue
+            ev = self._queue_head(p, heap)
+            if ev is not None and (best is None or ev.off < best.off):
+                best = ev
+        return best
+
+    def _queue_head(self, p: int, heap: list[int]) -> Event | None:
+        # Lazy deletion: entries that are no longer pending are popped here.
+        # Planned events stay in the heap (their assign may still fail), so
+        # they are set aside and pushed back.
+        skipped = []
+        head = None
+        while heap:
+            ev = self.events.get((p, heap[0]))
+            if ev is None or ev.state != PENDING:
+                heapq.heappop(heap)
+                continue
+            if (p, ev.off) in self.planned:
+                skipped.append(heapq.heappop(heap))
+                continue
+            head = ev
+            break
+        for off in skipped:
+            heapq.heappush(heap, off)
+        return head
+
+    def forget_plans(self) -> None:
+        """Called when this node stops leading: its pending plans mean nothing."""
+        self.planned.clear()
+        self.planned_slots.clear()
+        self.dirty_apps = set(self.apps)
+
+    def expire_plans(self, now_ms: int, age_ms_max: int) -> None:
+        """Drop plans whose assign never came back (a lost proposal)."""
+        for table in (self.planned, self.planned_slots):
+            for key, at in list(table.items()):
+                if now_ms - at > age_ms_max:
+                    del table[key]
+                    self.dirty_apps.update(self.apps)
+
+    def nodes_with_sessions(self) -> set[str]:
+        return {s.node for s in self.sessions.values()}
+
+    def statistics(self) -> StateStatistics:
+        subs = sum(len(s.subs) for s in self.sessions.values())
+        return StateStatistics(len(self.apps), len(self.sessions), subs,
+                               len(self.events) - len(self.inflight),
+                               len(self.inflight))
+
+
+_HANDLERS = {
+    "key_create": BrokerState._op_key_create,
+    "session_open": BrokerState._op_session_open,
+    "session_close": BrokerState._op_session_close,
+    "node_boot": BrokerState._op_node_boot,
+    "node_down": BrokerState._op_node_down,
+    "sub": BrokerState._op_sub,
+    "unsub": BrokerState._op_unsub,
+    "publish": BrokerState._op_publish,
+    "assign": BrokerState._op_assign,
+    "ack": BrokerState._op_ack,
+    "requeue": BrokerState._op_requeue,
+}
