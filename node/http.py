@@ -156,6 +156,8 @@ async def _metrics(request: web.Request) -> web.Response:
         f"ensync_raft_batched_ops_total {prop['ops_total']}",
         f"ensync_journal_fsync_total {journal.fsync_total}",
         f"ensync_journal_fsync_seconds_total {journal.fsync_seconds_total:.6f}",
+        f"ensync_raft_log_entries {status['log_len']}",
+        f"ensync_raft_apply_skipped_total {node.broker.apply_skipped}",
         f"ensync_snapshot_installs_total {node.broker.snapshot_installs}",
         f"ensync_sessions {stats.sessions}",
         f"ensync_clients {status['clients']}",

@@ -33,12 +33,14 @@ SETTINGS = [
     ("raft_max_timeout_ms", int, 2500, "election timeout, upper bound"),
     ("leader_fallback_timeout_ms", int, 3000, "a leader without a majority steps down"),
     ("compaction_min_entries", int, 20000, "log entries before a snapshot"),
+    ("compaction_min_time_ms", int, 600_000, "time between snapshots at most"),
     ("write_timeout_ms", int, 10000, "a write without quorum fails after this"),
     ("ack_timeout_ms", int, 60000, "unacked records return to the queue after this"),
     ("node_down_ms", int, 5000, "sessions of an unreachable node close after this"),
     ("batch_ops_max", int, 512, "operations per Raft entry"),
     ("batch_bytes_max", int, 1 << 20, "bytes per Raft entry"),
     ("batches_in_flight_max", int, 32, "Raft entries proposed and not yet applied"),
+    ("stuck_follower_ms", int, 10_000, "force a snapshot for a follower stuck this long"),
     ("log_file", str, "", "log to this file instead of stderr"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -97,12 +99,14 @@ def build_config(s: dict) -> NodeConfig:
         raft_max_timeout_ms=s["raft_max_timeout_ms"],
         leader_fallback_timeout_ms=s["leader_fallback_timeout_ms"],
         compaction_min_entries=s["compaction_min_entries"],
+        compaction_min_time_ms=s["compaction_min_time_ms"],
         write_timeout_ms=s["write_timeout_ms"], batch_ops_max=s["batch_ops_max"],
         batch_bytes_max=s["batch_bytes_max"],
         batches_in_flight_max=s["batches_in_flight_max"])
     return NodeConfig(raft=raft, host=s["host"], port=s["port"],
                       admin_token=s["admin_token"], ack_timeout_ms=s["ack_timeout_ms"],
-                      node_down_ms=s["node_down_ms"])
+                      node_down_ms=s["node_down_ms"],
+                      stuck_follower_ms=s["stuck_follower_ms"])
 
 
 class _NodeIdFilter(logging.Filter):

@@ -49,6 +49,7 @@ class NodeConfig:
     plan_age_ms_max: int = 15_000
     ping_interval_ms: int = 30_000
     ws_heartbeat_ms: int = 20_000
+    stuck_follower_ms: int = 10_000
 
     @property
     def id(self) -> str:
@@ -77,6 +78,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._dispatch_loop()))
         self._tasks.append(asyncio.create_task(self._announce_boot()))
         self._tasks.append(asyncio.create_task(self._ping_loop()))
+        self._tasks.append(asyncio.create_task(self._watchdog_loop()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -95,6 +97,20 @@ class Node:
     def app_record(self, app_id: str | None) -> dict | None:
         with self.broker.lock:
             return self.broker.state.apps.get(app_id)
+
+    async def read_fresh(self, lookup, *args):
+        """``lookup(*args)``; on a miss, once more after a Raft barrier.
+
+        A key or app created through another node a moment ago may not be applied
+        here yet. The barrier commits through the leader and is applied here, so
+        everything committed before it is visible afterwards.
+        """
+        found = lookup(*args)
+        if found is None:
+            # TODO(#6): rate-limit misses; each one costs a Raft round trip.
+            await self.commit({"op": "barrier"})
+            found = lookup(*args)
+        return found
 
     def new_session_id(self) -> str:
         return f"{self.id}.{self.boot}.{next(self._session_seq)}"
@@ -178,6 +194,33 @@ class Node:
             for conn in list(self.connections.values()):
                 if not conn.ws.closed:
                     asyncio.ensure_future(_send_quietly(conn.ws, "PING"))
+
+    async def _watchdog_loop(self) -> None:
+        """Leader: force a snapshot when a connected follower stops catching up.
+
+        pysyncobj can leave a deposed leader stuck behind forever after it resumes
+        from a pause (reference/pysyncobj-rocksdict.md 6.2.1); a snapshot install
+        is the one thing that moves it again.
+        """
+        watch: dict[str, tuple[int, int]] = {}  # node -> (match index, since ms)
+        while True:
+            await asyncio.sleep(1)
+            if not self.broker._isLeader():
+                watch.clear()
+                continue
+            now = now_ms()
+            commit = self.broker.raftCommitIndex
+            connected = self.broker.connected_ids()
+            for node, match in self.broker.follower_match().items():
+                last, since = watch.get(node, (-1, now))
+                if match != last or match >= commit or node not in connected:
+                    watch[node] = (match, now)
+                elif now - since > self.cfg.stuck_follower_ms:
+                    log.warning("follower stuck, forcing a snapshot node=%s match=%d "
+                                "commit=%d", node, match, commit)
+                    self.counters["stuck_follower_snapshots_total"] += 1
+                    self.broker.forceLogCompaction()
+                    watch[node] = (match, now)
 
     # -- leader's dispatcher -------------------------------------------------------------
 

@@ -133,7 +133,7 @@ class Connection:
                 raise RequestRejected("unknown client id", "CLIENT_NOT_FOUND")
             raise ProtocolError("missing ACCESS_KEY", "MISSING_PARAMETERS")
 
-        app = self.node.app_for_key(key)
+        app = await self.node.read_fresh(self.node.app_for_key, key)
         if app is None:
             raise RequestRejected("access key is not valid", "UNAUTHORIZED")
         if self.sid is not None and app == self.app:
@@ -155,7 +155,8 @@ class Connection:
             raise RequestRejected(f"no send permission for {name}", "PERMISSION_DENIED")
         if "*" in name:
             raise ProtocolError("EVENT_NAME of a PUB must not hold a wildcard")
-        if self.node.app_record(req.get("DELIVERY_TO")) is None:
+        to = req.get("DELIVERY_TO")
+        if await self.node.read_fresh(self.node.app_record, to) is None:
             raise RequestRejected("DELIVERY_TO names no known app", "INVALID_RECIPIENT")
 
         op = {"op": "publish", "from": self.app, "to": req.get("DELIVERY_TO"),

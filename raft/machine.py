@@ -112,7 +112,8 @@ class ReplicatedBroker(SyncObj):
             connectionTimeout=c.connection_timeout_ms / 1000,
             logCompactionMinEntries=c.compaction_min_entries,
             logCompactionMinTime=c.compaction_min_time_ms / 1000,
-            logCompactionSplit=True,
+            # Split windows would also delay a forced compaction by minutes.
+            logCompactionSplit=False,
             commandsWaitLeader=True,
             dynamicMembershipChange=False,
         )
@@ -204,6 +205,12 @@ class ReplicatedBroker(SyncObj):
     def connected_ids(self) -> set[str]:
         return {self.node_id_of(n.address) for n in self.otherNodes
                 if self.isNodeConnected(n)}
+
+    def follower_match(self) -> dict[str, int]:
+        """Leader only: the match index pysyncobj holds for each follower."""
+        raw = self.getStatus()
+        return {self.node_id_of(k[len("match_idx_server_"):]): v
+                for k, v in raw.items() if k.startswith("match_idx_server_")}
 
     def journal(self):
         # pysyncobj keeps the journal in a name-mangled private attribute.

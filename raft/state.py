@@ -120,6 +120,7 @@ class BrokerState:
 
     def load(self, rows) -> None:
         """Rebuild memory from RocksDB rows (key, value) in key order."""
+        subs = []  # ``b/`` sorts before ``s/``: attach subscriptions last
         for key, value in rows:
             prefix = key[:2]
             if prefix == b"a/":
@@ -127,11 +128,9 @@ class BrokerState:
             elif prefix == b"k/":
                 self.key_hashes[key[2:].decode()] = value.decode()
             elif prefix == b"s/":
-                s = orjson.loads(value)
-                self._add_session(key[2:].decode(), s)
+                self._add_session(key[2:].decode(), orjson.loads(value))
             elif prefix == b"b/":
-                sid, _, pattern = key[2:].decode().partition("/")
-                self.sessions[sid].subs[pattern] = orjson.loads(value)["paused"]
+                subs.append((key[2:].decode(), orjson.loads(value)["paused"]))
             elif prefix == b"d/":
                 self._load_delivery(key, orjson.loads(value))
             elif key.startswith(b"m/off/"):
@@ -140,6 +139,9 @@ class BrokerState:
                 self.fence_term = int(value)
             elif key == schema.CLOCK:
                 self.clock_ms = int(value)
+        for sid_pattern, paused in subs:
+            sid, _, pattern = sid_pattern.partition("/")
+            self.sessions[sid].subs[pattern] = paused
         self.dirty_apps = set(self.apps)
 
     def _load_app(self, app_id: str, rec: dict) -> None:
@@ -190,6 +192,9 @@ class BrokerState:
         out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
         out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
         return {"ok": True, "app_id": op["app_id"]}
+
+    def _op_barrier(self, op: dict, out: Applied) -> dict:
+        return {"ok": True}
 
     def _op_session_open(self, op: dict, out: Applied) -> dict:
         if op["app"] not in self.apps:
@@ -487,6 +492,7 @@ class BrokerState:
 
 
 _HANDLERS = {
+    "barrier": BrokerState._op_barrier,
     "key_create": BrokerState._op_key_create,
     "session_open": BrokerState._op_session_open,
     "session_close": BrokerState._op_session_close,
