@@ -41,6 +41,7 @@ SETTINGS = [
     ("batch_bytes_max", int, 1 << 20, "bytes per Raft entry"),
     ("batches_in_flight_max", int, 32, "Raft entries proposed and not yet applied"),
     ("stuck_follower_ms", int, 10_000, "force a snapshot for a follower stuck this long"),
+    ("ping_interval_ms", int, 30_000, "text PING to every client this often"),
     ("log_file", str, "", "log to this file instead of stderr"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -106,7 +107,8 @@ def build_config(s: dict) -> NodeConfig:
     return NodeConfig(raft=raft, host=s["host"], port=s["port"],
                       admin_token=s["admin_token"], ack_timeout_ms=s["ack_timeout_ms"],
                       node_down_ms=s["node_down_ms"],
-                      stuck_follower_ms=s["stuck_follower_ms"])
+                      stuck_follower_ms=s["stuck_follower_ms"],
+                      ping_interval_ms=s["ping_interval_ms"])
 
 
 class _NodeIdFilter(logging.Filter):

@@ -1,0 +1,137 @@
+"""Publish throughput and latency on a real 3-node cluster on this machine.
+
+Phases (256-byte payloads): one publish at a time, then a window of outstanding
+publishes. Every publish counts only when its ``+PASS`` arrived, which the node
+sends after the entry is committed and fsynced on a majority and applied.
+
+    ./scripts/bench-publish [--events 20000] [--window 256] [--out docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node.client import Client  # noqa: E402
+from tests.cluster import Cluster  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_phase(url: str, key: dict, to: str, events: int, window: int,
+                    payload: str) -> dict:
+    client = Client(url)
+    await client.connect(key["access_key"])
+    latencies_ms: list[float] = []
+    sem = asyncio.Semaphore(window)
+    done = 0
+    started = time.perf_counter()
+
+    async def one() -> None:
+        nonlocal done
+        t0 = time.perf_counter()
+        await client.publish("bench/event", to, payload)
+        latencies_ms.append((time.perf_counter() - t0) * 1000)
+        done += 1
+        sem.release()
+
+    tasks = []
+    for _ in range(events):
+        await sem.acquire()
+        tasks.append(asyncio.ensure_future(one()))
+        if len(tasks) % 5000 == 0:
+            print(f"  {len(tasks)}/{events} sent", file=sys.stderr)
+    await asyncio.gather(*tasks)
+    elapsed_s = time.perf_counter() - started
+    await client.close()
+    return {"events": events, "window": window, "seconds": round(elapsed_s, 3),
+            "events_per_s": round(events / elapsed_s),
+            "p50_ms": round(percentile(latencies_ms, 0.50), 2),
+            "p99_ms": round(percentile(latencies_ms, 0.99), 2),
+            "mean_ms": round(statistics.fmean(latencies_ms), 2)}
+
+
+def metric(cluster: Cluster, node_id: str, name: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(cluster.admin_url(node_id) + "/metrics") as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def bench(args) -> dict:
+    payload = base64.b64encode(os.urandom(args.payload_bytes * 3 // 4)).decode()
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "payload_bytes": len(payload), "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="ensync-bench-") as tmp:
+        cluster = Cluster(size=3, base_dir=Path(tmp))
+        try:
+            cluster.start()
+            leader = cluster.leader()
+            follower = next(n for n in cluster.node_ids if n != leader)
+            pub = cluster.create_key("bench-publisher", ["*"], [])
+            sink = cluster.create_key("bench-sink", [], ["*"])
+            phases = [("sync_leader", leader, args.sync_events, 1),
+                      ("sync_follower", follower, args.sync_events, 1),
+                      ("pipelined_leader", leader, args.events, args.window),
+                      ("pipelined_follower", follower, args.events, args.window)]
+            for name, node_id, events, window in phases:
+                print(f"{name}: {events} events, window {window}", file=sys.stderr)
+                before = (metric(cluster, leader, "ensync_raft_batches_total"),
+                          metric(cluster, leader, "ensync_journal_fsync_total"))
+                r = await run_phase(cluster.ws_url(node_id), pub, sink["app_id"],
+                                    events, window, payload)
+                r["leader_fsyncs"] = int(
+                    metric(cluster, leader, "ensync_journal_fsync_total") - before[1])
+                results["phases"][name] = r
+        finally:
+            cluster.stop()
+    return results
+
+
+def table(results: dict) -> str:
+    rows = ["| phase | events | window | events/s | p50 ms | p99 ms | leader fsyncs |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in results["phases"].items():
+        rows.append(f"| {name} | {r['events']} | {r['window']} | {r['events_per_s']} "
+                    f"| {r['p50_ms']} | {r['p99_ms']} | {r['leader_fsyncs']} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--sync-events", type=int, default=2000)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--payload-bytes", type=int, default=256)
+    parser.add_argument("--out", default=None, help="directory for publish.json")
+    args = parser.parse_args()
+    results = asyncio.run(bench(args))
+    print(table(results))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "publish.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "publish.md").write_text(table(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
