@@ -294,8 +294,10 @@ class Node:
             "role": ROLES.get(raw.get("state"), "follower"),
             "term": raw.get("raft_term", 0),
             "commit_index": raw.get("commit_idx", 0),
-            "applied_index": self.broker.store.applied_index,
-            "raft_last_applied": raw.get("last_applied", 0),
+            # pysyncobj's own index: it also counts the no-op a new leader
+            # appends, which never reaches our apply (and so not m/applied).
+            "applied_index": raw.get("last_applied", 0),
+            "state_applied_index": self.broker.store.applied_index,
             "leader": self.broker.leader_id(),
             "has_quorum": bool(raw.get("has_quorum")),
             "clients": len(self.connections),

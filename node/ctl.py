@@ -1,0 +1,605 @@
+"""ensyncctl: inspect and administer a running EnSync Raft cluster.
+
+The tool talks to each node's `/admin/*` HTTP API with the standard library
+only, so it runs on any machine with Python and needs none of the node's
+dependencies. Nodes come from the `cluster.json` that `./scripts/start-cluster`
+writes, or from `--url` for a cluster started some other way.
+
+`status` asks every node at once and folds the answers into one view. Nodes
+speak for themselves, so the view has to settle disagreements: a node that
+does not answer is `unreachable` whatever it last claimed, and when two nodes
+claim leadership the one with the higher term wins while the other is shown as
+a stale leader (it has not yet heard of the newer term). Lag is measured
+against the highest commit index any reachable node reports.
+
+Every failure of the world (no cluster file, refused token, no node answering,
+bad arguments) ends the command with one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "ensyncctl"
+CLUSTER_FILE_DEFAULT = "./.ensync/cluster.json"
+TOKEN_ENV = "ENSYNC_ADMIN_TOKEN"
+TIMEOUT_MS_DEFAULT = 2000
+# Keys are created through Raft. Giving up before the node's own write
+# timeout (10 s by default) could abandon a write that still lands.
+WRITE_TIMEOUT_MS_MIN = 10_000
+STATUS_THREADS_MAX = 32
+ERROR_BODY_CHARS_MAX = 200
+STATUS_KEYS_REQUIRED = ("term", "commit_index", "applied_index")
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_ERROR = 2
+
+
+class CtlError(Exception):
+    """A failure of the world; main() prints it as one line and exits."""
+
+
+class Unreachable(CtlError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{url} is unreachable: {reason}")
+
+
+class HttpFailure(CtlError):
+    def __init__(self, url: str, status: int, code: str, detail: str) -> None:
+        self.url = url
+        self.status = status
+        self.code = code
+        self.detail = detail
+        super().__init__(describe_http_failure(url, status, code, detail))
+
+
+def describe_http_failure(url: str, status: int, code: str, detail: str) -> str:
+    if status == 401:
+        return f"{url} rejected the admin token (HTTP 401)"
+    text = f"{url} answered HTTP {status}"
+    if code:
+        text += f" {code}"
+    if detail:
+        text += f": {detail}"
+    return text
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node to ask: its id when a cluster file names it, and its admin URL."""
+
+    node_id: str | None
+    admin_url: str
+
+    @property
+    def address(self) -> str:
+        return self.admin_url.split("://", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One node's answer to /admin/status, or why there was none."""
+
+    target: Target
+    status: dict[str, Any] | None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+
+
+def request_json(
+    url: str,
+    token: str,
+    timeout_ms: int,
+    method: str = "GET",
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_ms / 1000) as response:
+            return decode_json(url, response.read())
+    except urllib.error.HTTPError as exc:
+        raise http_failure(url, exc) from exc
+    except urllib.error.URLError as exc:
+        raise Unreachable(url, reason_text(exc.reason, timeout_ms)) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unreachable(url, reason_text(exc, timeout_ms)) from exc
+
+
+def reason_text(reason: object, timeout_ms: int) -> str:
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout_ms} ms"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason) or type(reason).__name__
+
+
+def decode_json(url: str, raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise CtlError(f"{url} answered with something that is not JSON") from exc
+    if not isinstance(value, dict):
+        raise CtlError(f"{url} answered with JSON that is not an object")
+    return value
+
+
+def http_failure(url: str, exc: urllib.error.HTTPError) -> HttpFailure:
+    try:
+        body = json.loads(exc.read() or b"{}")
+    except (ValueError, OSError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    code = str(body.get("error", ""))
+    detail = str(body.get("message", ""))[:ERROR_BODY_CHARS_MAX]
+    return HttpFailure(url, exc.code, code, detail)
+
+
+# ---------------------------------------------------------------------------
+# Finding the cluster
+
+
+def resolve_targets(args: argparse.Namespace) -> tuple[list[Target], str]:
+    """Nodes and token from --url/--token, the environment, or the cluster file."""
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.url:
+        if not token:
+            raise CtlError(f"no admin token: pass --token or set {TOKEN_ENV}")
+        return [Target(None, url) for url in split_urls(args.url)], token
+
+    cluster = load_cluster_file(Path(args.cluster))
+    targets = [Target(node["id"], node["admin_url"]) for node in cluster["nodes"]]
+    token = token or cluster.get("admin_token")
+    if not token:
+        raise CtlError(f"{args.cluster} holds no admin_token; pass --token")
+    return targets, token
+
+
+def load_cluster_file(path: Path) -> dict[str, Any]:
+    try:
+        cluster = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CtlError(
+            f"cluster file {path} not found; start a cluster with "
+            "./scripts/start-cluster or pass --url"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CtlError(f"cannot read cluster file {path}: {exc}") from exc
+
+    nodes = cluster.get("nodes") if isinstance(cluster, dict) else None
+    if not nodes or not all(is_node_entry(node) for node in nodes):
+        raise CtlError(f"cluster file {path} has no usable node list")
+    return cluster
+
+
+def is_node_entry(node: object) -> bool:
+    return isinstance(node, dict) and "id" in node and "admin_url" in node
+
+
+def split_urls(values: list[str]) -> list[str]:
+    urls = [part.strip() for value in values for part in value.split(",")]
+    urls = [normalize_url(url) for url in urls if url]
+    if not urls:
+        raise CtlError("--url names no node")
+    return urls
+
+
+def normalize_url(url: str) -> str:
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise CtlError(f"--url {url}: only http:// and https:// are supported")
+    return url.rstrip("/")
+
+
+# ---------------------------------------------------------------------------
+# status
+
+
+def probe_all(targets: list[Target], token: str, timeout_ms: int) -> list[Probe]:
+    threads = min(len(targets), STATUS_THREADS_MAX)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [
+            pool.submit(probe_one, target, token, timeout_ms) for target in targets
+        ]
+        return [future.result() for future in futures]
+
+
+def probe_one(target: Target, token: str, timeout_ms: int) -> Probe:
+    url = target.admin_url + "/admin/status"
+    try:
+        status = request_json(url, token, timeout_ms)
+    except Unreachable as exc:
+        return Probe(target, None, exc.reason)
+    except HttpFailure as exc:
+        # A refused token is the operator's mistake, not a node being down.
+        if exc.status in (401, 403):
+            raise
+        return Probe(target, None, str(exc))
+
+    missing = [
+        key for key in STATUS_KEYS_REQUIRED if not isinstance(status.get(key), int)
+    ]
+    if status.get("role") is None or missing:
+        return Probe(target, None, f"status answer lacks {missing or ['role']}")
+    return Probe(target, status)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    leader: str | None
+    healthy: bool
+    reachable: int
+    total: int
+    quorum_ok: bool
+    rows: list[dict[str, Any]]
+    notes: list[str]
+
+
+def summarize(probes: list[Probe]) -> ClusterView:
+    """Fold per-node answers into one view; pure, so tests can feed it fakes."""
+    answered = [probe for probe in probes if probe.status is not None]
+    leader = pick_leader(answered)
+    commit_max = max((int(p.status["commit_index"]) for p in answered), default=0)
+    rows = [node_row(probe, leader, commit_max) for probe in probes]
+
+    quorum = len(probes) // 2 + 1
+    quorum_ok = len(answered) >= quorum
+    if leader is not None:
+        quorum_ok = quorum_ok and bool(leader.status.get("has_quorum", True))
+    leader_id = None if leader is None else node_id(leader)
+
+    notes = [stale_leader_note(row, leader) for row in rows if row["stale_leader"]]
+    healthy = leader_id is not None and quorum_ok
+    return ClusterView(
+        leader_id, healthy, len(answered), len(probes), quorum_ok, rows, notes
+    )
+
+
+def pick_leader(answered: list[Probe]) -> Probe | None:
+    claimants = [probe for probe in answered if probe.status.get("role") == "leader"]
+    if not claimants:
+        return None
+    return max(claimants, key=leader_rank)
+
+
+def leader_rank(probe: Probe) -> tuple[int, int, str]:
+    status = probe.status
+    return int(status["term"]), int(status["commit_index"]), node_id(probe)
+
+
+def node_id(probe: Probe) -> str:
+    if probe.status is not None and probe.status.get("id"):
+        return str(probe.status["id"])
+    return probe.target.node_id or probe.target.address
+
+
+def node_row(probe: Probe, leader: Probe | None, commit_max: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": node_id(probe), "address": probe.target.address}
+    if probe.status is None:
+        fields = ("term", "commit_index", "applied_index", "lag", "clients")
+        row.update(role="unreachable", reachable=False, stale_leader=False)
+        row.update({field: None for field in fields}, error=probe.error)
+        return row
+
+    status = probe.status
+    stale = status.get("role") == "leader" and probe is not leader
+    row.update(
+        role="follower" if stale else status.get("role"),
+        reachable=True,
+        stale_leader=stale,
+        term=status.get("term"),
+        commit_index=status.get("commit_index"),
+        applied_index=status.get("applied_index"),
+        lag=commit_max - int(status.get("applied_index", 0)),
+        clients=status.get("clients"),
+    )
+    return row
+
+
+def stale_leader_note(row: dict[str, Any], leader: Probe | None) -> str:
+    assert leader is not None
+    return (
+        f"* {row['id']} still claims leader at term {row['term']}; "
+        f"{node_id(leader)} leads at term {leader.status['term']}"
+    )
+
+
+STATUS_COLUMNS = (
+    ("node", "id"),
+    ("address", "address"),
+    ("role", "role"),
+    ("term", "term"),
+    ("commit", "commit_index"),
+    ("applied", "applied_index"),
+    ("lag", "lag"),
+    ("clients", "clients"),
+    ("reachable", "reachable"),
+)
+
+
+def render_status(view: ClusterView) -> str:
+    headers = [title for title, _ in STATUS_COLUMNS]
+    rows = [status_cells(row) for row in view.rows]
+    lines = [render_table(headers, rows), *view.notes, health_line(view)]
+    return "\n".join(lines)
+
+
+def status_cells(row: dict[str, Any]) -> list[str]:
+    cells = [cell_text(row[key]) for _, key in STATUS_COLUMNS]
+    if row["stale_leader"]:
+        cells[2] += "*"
+    return cells
+
+
+def cell_text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart; pure text in, text out."""
+    widths = [len(header) for header in headers]
+    for row in rows:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+        for line in lines
+    )
+
+
+def health_line(view: ClusterView) -> str:
+    verdict = "healthy" if view.healthy else "unhealthy"
+    leader = f"leader {view.leader}" if view.leader else "no leader"
+    quorum = "quorum ok" if view.quorum_ok else "no quorum"
+    reach = f"{view.reachable}/{view.total} nodes reachable"
+    return f"{verdict}: {leader}, {reach}, {quorum}"
+
+
+def status_json(view: ClusterView) -> dict[str, Any]:
+    keys = ("id", "address", "role", "reachable", "term", "commit_index")
+    keys += ("applied_index", "lag", "clients")
+    nodes = []
+    for row in view.rows:
+        node = {key: row[key] for key in keys}
+        if row["stale_leader"]:
+            node["stale_leader"] = True
+        if row.get("error"):
+            node["error"] = row["error"]
+        nodes.append(node)
+    return {"leader": view.leader, "healthy": view.healthy, "nodes": nodes}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+    view = summarize(probe_all(targets, token, args.timeout_ms))
+    if args.json:
+        print(json.dumps(status_json(view), indent=2))
+    else:
+        print(render_status(view))
+    return EXIT_HEALTHY if view.healthy else EXIT_UNHEALTHY
+
+
+# ---------------------------------------------------------------------------
+# keys
+
+
+def first_answer(
+    targets: list[Target], call: Callable[[Target], dict[str, Any]]
+) -> tuple[Target, dict[str, Any]]:
+    """Run `call` against the first node that answers at all."""
+    failures = []
+    for target in targets:
+        try:
+            return target, call(target)
+        except Unreachable as exc:
+            failures.append(f"{target.node_id or target.address} ({exc.reason})")
+    raise CtlError("no node reachable: " + ", ".join(failures))
+
+
+def split_patterns(values: list[str], flag: str) -> list[str]:
+    patterns = [part.strip() for value in values for part in value.split(",")]
+    patterns = [pattern for pattern in patterns if pattern]
+    if not patterns:
+        raise CtlError(f"{flag} needs at least one pattern")
+    return patterns
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+    body = {
+        "name": args.name,
+        "send": split_patterns(args.send, "--send"),
+        "receive": split_patterns(args.receive, "--receive"),
+    }
+    timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
+
+    def create(target: Target) -> dict[str, Any]:
+        url = target.admin_url + "/admin/keys"
+        return request_json(url, token, timeout_ms, "POST", body)
+
+    target, record = first_answer(targets, create)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(render_created_key(record, target))
+    return EXIT_HEALTHY
+
+
+def render_created_key(record: dict[str, Any], target: Target) -> str:
+    where = target.node_id or target.address
+    rows = [
+        ["access key", str(record.get("access_key", "-"))],
+        ["app id", str(record.get("app_id", "-"))],
+        ["secret key", str(record.get("secret_key", "-"))],
+        ["send", ",".join(record.get("send", []))],
+        ["receive", ",".join(record.get("receive", []))],
+    ]
+    lines = [f"created key {record.get('name', '?')!r} via {where}"]
+    lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
+    lines.append("the secret key is shown only now; store it somewhere safe")
+    return "\n".join(lines)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+
+    def fetch(target: Target) -> dict[str, Any]:
+        return request_json(target.admin_url + "/admin/keys", token, args.timeout_ms)
+
+    _, answer = first_answer(targets, fetch)
+    keys = answer.get("keys", [])
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(render_keys(keys))
+    return EXIT_HEALTHY
+
+
+def render_keys(keys: list[dict[str, Any]]) -> str:
+    headers = ["name", "app id", "send", "receive", "created (UTC)"]
+    rows = [
+        [
+            str(key.get("name", "-")),
+            str(key.get("app_id", "-")),
+            ",".join(key.get("send", [])),
+            ",".join(key.get("receive", [])),
+            format_ms(key.get("created_ms")),
+        ]
+        for key in keys
+    ]
+    return render_table(headers, rows) if rows else "no keys"
+
+
+def format_ms(value: object) -> str:
+    if not isinstance(value, int):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value / 1000))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Reports bad arguments as one line instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(EXIT_ERROR)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def common_options() -> argparse.ArgumentParser:
+    # SUPPRESS lets the options appear before or after the subcommand
+    # without the subcommand's parser resetting values given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    hide = argparse.SUPPRESS
+    common.add_argument(
+        "--cluster", default=hide, help=f"cluster file [{CLUSTER_FILE_DEFAULT}]"
+    )
+    common.add_argument(
+        "--url", action="append", default=hide, help="node admin URL (repeatable)"
+    )
+    common.add_argument("--token", default=hide, help=f"admin token [${TOKEN_ENV}]")
+    common.add_argument(
+        "--timeout-ms", type=positive_int, default=hide, help="per request"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
+    parser = OneLineParser(
+        prog=PROG, parents=[common], description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    status = commands.add_parser("status", parents=[common], help="cluster health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    keys = commands.add_parser("keys", parents=[common], help="access keys")
+    key_commands = keys.add_subparsers(
+        dest="keys_command", required=True, metavar="action"
+    )
+    create = key_commands.add_parser("create", parents=[common], help="create a key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--send", action="append", required=True, metavar="PATTERN")
+    create.add_argument("--receive", action="append", required=True, metavar="PATTERN")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(handler=cmd_keys_create)
+
+    listing = key_commands.add_parser("list", parents=[common], help="list keys")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_keys_list)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    defaults = {
+        "cluster": CLUSTER_FILE_DEFAULT,
+        "url": None,
+        "token": None,
+        "timeout_ms": TIMEOUT_MS_DEFAULT,
+    }
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.handler(args)
+    except CtlError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""Local cluster lifecycle behind ./scripts/start-cluster, stop-cluster, run-tests.
+
+    ensure-venv [--extras test]   run by the system python3: make .venv, install
+    start [--nodes N] ...         run by .venv/bin/python: start N nodes, wait
+    stop [--data-dir DIR]         run by .venv/bin/python: stop what start began
+
+The install step is keyed on a stamp in .venv holding pyproject.toml's hash,
+so a second run costs nothing until the dependencies change.
+
+`start` launches each node detached (own session, stdin from /dev/null, output
+appended to its node.log) so the nodes outlive the shell that started them.
+cluster.json is written as soon as the processes exist, which lets
+stop-cluster clean up even after an interrupted start. The pid recorded is the
+node process itself, and `stop` signals a pid only while /proc still shows it
+running node.main on that node's data dir, so a recycled pid is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".ensync-install.json"
+PYTHON_VERSION_MIN = (3, 11)
+
+HOST = "127.0.0.1"
+RAFT_PORT_OFFSET = 100
+PORT_MAX = 65535
+NODES_MAX = 9
+LEADER_WAIT_MS = 60_000
+POLL_INTERVAL_MS = 250
+DOT_INTERVAL_MS = 1000
+STATUS_TIMEOUT_MS = 1000
+KEY_TIMEOUT_MS = 15_000
+STOP_WAIT_MS = 15_000
+KILL_WAIT_MS = 5_000
+LOG_TAIL_LINES = 15
+LOG_TAIL_BYTES_MAX = 16_384
+TOKEN_BYTES = 32
+
+DEMO_KEYS = (
+    ("demo-publisher", ["*"], ["*"]),
+    ("demo-consumer", ["*"], ["*"]),
+)
+
+
+class ScriptError(Exception):
+    """A failure the user can act on; printed as one line."""
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Reports bad arguments as one line instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
+
+
+def say(text: str = "", end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it from the current directory."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------
+# ensure-venv
+
+
+def install_stamp(extras: list[str]) -> dict[str, Any]:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return {"pyproject_sha256": digest, "extras": sorted(extras)}
+
+
+def stamp_covers(wanted: dict[str, Any]) -> bool:
+    try:
+        have = json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        return False
+    same_project = have.get("pyproject_sha256") == wanted["pyproject_sha256"]
+    return same_project and set(wanted["extras"]) <= set(have.get("extras", []))
+
+
+def venv_python_works() -> bool:
+    if not VENV_PYTHON.exists():
+        return False
+    probe = subprocess.run(
+        [VENV_PYTHON, "-c", "pass"], check=False, capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def ensure_venv(extras: list[str]) -> None:
+    if sys.version_info < PYTHON_VERSION_MIN:
+        wanted = ".".join(map(str, PYTHON_VERSION_MIN))
+        raise ScriptError(f"{sys.executable} is too old; the project needs {wanted}+")
+
+    stamp = install_stamp(extras)
+    if venv_python_works() and stamp_covers(stamp):
+        return
+    if not venv_python_works():
+        say(f"creating {shown(VENV)} ...")
+        run_quietly([sys.executable, "-m", "venv", "--clear", str(VENV)], "venv")
+
+    spec = f".[{','.join(extras)}]" if extras else "."
+    say(f"installing the project into {shown(VENV)} ({spec}) ...")
+    pip = [str(VENV_PYTHON), "-m", "pip", "install", "-qq"]
+    pip += ["--disable-pip-version-check", "-e", spec]
+    run_quietly(pip, "pip install")
+    STAMP.write_text(json.dumps(stamp) + "\n")
+
+
+def run_quietly(command: list[str], what: str) -> None:
+    # pip's own errors still reach the terminal through stderr.
+    result = subprocess.run(command, check=False, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise ScriptError(f"{what} failed with exit code {result.returncode}")
+
+
+# ---------------------------------------------------------------------------
+# Node processes
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node_id: str
+    http_port: int
+    raft_port: int
+    data_dir: Path
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{HOST}:{self.http_port}/message"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{HOST}:{self.raft_port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "node.log"
+
+
+def plan_nodes(count: int, base_port: int, data_dir: Path) -> list[NodePlan]:
+    if not 1 <= count <= NODES_MAX:
+        raise ScriptError(f"--nodes must be between 1 and {NODES_MAX}")
+    if not 0 < base_port <= PORT_MAX - RAFT_PORT_OFFSET - count:
+        raise ScriptError(f"--base-port {base_port} leaves no room for {count} nodes")
+    return [
+        NodePlan(
+            f"n{index}",
+            base_port + index,
+            base_port + RAFT_PORT_OFFSET + index,
+            data_dir / f"n{index}",
+        )
+        for index in range(1, count + 1)
+    ]
+
+
+def node_command(node: NodePlan, nodes: list[NodePlan]) -> list[str]:
+    peers = ",".join(
+        f"{peer.node_id}={peer.raft_address}" for peer in nodes if peer is not node
+    )
+    command = [str(VENV_PYTHON), "-m", "node.main", "--id", node.node_id]
+    command += ["--host", HOST, "--port", str(node.http_port)]
+    command += ["--raft", node.raft_address, "--data-dir", str(node.data_dir)]
+    return command + (["--peers", peers] if peers else [])
+
+
+def spawn(node: NodePlan, nodes: list[NodePlan], token: str) -> int:
+    node.data_dir.mkdir(parents=True, exist_ok=True)
+    # The token travels in the environment so `ps` does not show it.
+    env = dict(os.environ, ENSYNC_ADMIN_TOKEN=token, PYTHONUNBUFFERED="1")
+
+    with open(node.log_file, "ab") as log:
+        process = subprocess.Popen(
+            node_command(node, nodes),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process.pid
+
+
+def is_node_process(pid: int, data_dir: str) -> bool:
+    """True while `pid` runs node.main on `data_dir` (pids get recycled)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    args = raw.decode(errors="replace").split("\0")
+    return "node.main" in args and data_dir in args
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Match the server: a port left in TIME_WAIT by a stopped node is usable.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - LOG_TAIL_BYTES_MAX))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+
+# ---------------------------------------------------------------------------
+# cluster.json and secrets
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ScriptError(f"cannot read {shown(path)}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ScriptError(f"{shown(path)} does not hold a JSON object")
+    return value
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600: these files hold secrets."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+
+
+def load_or_create_token(data_dir: Path) -> str:
+    path = data_dir / "admin_token"
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    write_private(path, token + "\n")
+    return token
+
+
+def cluster_record(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
+    entries = [
+        {
+            "id": node.node_id,
+            "pid": pid,
+            "ws_url": node.ws_url,
+            "admin_url": node.admin_url,
+            "raft_address": node.raft_address,
+            "data_dir": str(node.data_dir),
+            "log_file": str(node.log_file),
+        }
+        for node, pid in zip(nodes, pids)
+    ]
+    return {"nodes": entries, "admin_token": token}
+
+
+def live_nodes(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        node
+        for node in cluster.get("nodes", [])
+        if is_node_process(int(node["pid"]), str(node["data_dir"]))
+    ]
+
+
+# ---------------------------------------------------------------------------
+# start
+
+
+def check_not_running(cluster_file: Path) -> None:
+    cluster = read_json(cluster_file)
+    if cluster is None:
+        return
+    running = live_nodes(cluster)
+    if running:
+        pids = ", ".join(f"{node['id']}={node['pid']}" for node in running)
+        raise ScriptError(
+            f"already running ({pids}); stop it first with ./scripts/stop-cluster"
+        )
+
+
+def check_ports(nodes: list[NodePlan]) -> None:
+    ports = [port for node in nodes for port in (node.http_port, node.raft_port)]
+    busy = [str(port) for port in ports if not port_is_free(port)]
+    if busy:
+        raise ScriptError(
+            f"port {', '.join(busy)} on {HOST} is busy; pick another --base-port"
+        )
+
+
+def start(args: argparse.Namespace) -> None:
+    data_dir = Path(args.data_dir).resolve()
+    cluster_file = data_dir / "cluster.json"
+    nodes = plan_nodes(args.nodes, args.base_port, data_dir)
+    check_not_running(cluster_file)
+    check_ports(nodes)
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(data_dir)
+    pids = [spawn(node, nodes, token) for node in nodes]
+    write_private(
+        cluster_file, json.dumps(cluster_record(nodes, pids, token), indent=2)
+    )
+
+    try:
+        leader = wait_for_leader(nodes, pids, token)
+        keys_file = provision_demo_keys(data_dir, leader, token)
+    except (ScriptError, KeyboardInterrupt):
+        say("\nstartup failed; stopping the nodes it started")
+        stop_nodes(cluster_record(nodes, pids, token)["nodes"])
+        raise
+    print_summary(nodes, pids, leader, data_dir, keys_file)
+
+
+def wait_for_leader(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
+    """Wait until every node answers and one leads with a quorum."""
+    say(f"waiting for {len(nodes)} nodes and a leader ", end="")
+    deadline_ms = monotonic_ms() + LEADER_WAIT_MS
+    next_dot_ms = monotonic_ms() + DOT_INTERVAL_MS
+
+    while monotonic_ms() < deadline_ms:
+        check_alive(nodes, pids)
+        statuses = [fetch_status(node, token) for node in nodes]
+        leader = settled_leader(statuses)
+        if leader is not None:
+            say(f" {leader['id']} leads (term {leader['term']})")
+            return leader
+        if monotonic_ms() >= next_dot_ms:
+            say(".", end="")
+            next_dot_ms += DOT_INTERVAL_MS
+        time.sleep(POLL_INTERVAL_MS / 1000)
+
+    say()
+    for node in nodes:
+        say(f"--- {shown(node.log_file)} ends:\n{log_tail(node.log_file)}")
+    raise ScriptError(f"no leader within {LEADER_WAIT_MS} ms; log tails above")
+
+
+def check_alive(nodes: list[NodePlan], pids: list[int]) -> None:
+    for node, pid in zip(nodes, pids):
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            say(f"\n--- {shown(node.log_file)} ends:\n{log_tail(node.log_file)}")
+            raise ScriptError(f"{node.node_id} exited during startup; log tail above")
+
+
+def fetch_status(node: NodePlan, token: str) -> dict | None:
+    from node.ctl import CtlError, request_json
+
+    try:
+        status = request_json(
+            node.admin_url + "/admin/status", token, STATUS_TIMEOUT_MS
+        )
+    except CtlError:
+        return None
+    return dict(status, admin_url=node.admin_url)
+
+
+def settled_leader(statuses: list[dict | None]) -> dict | None:
+    if any(status is None for status in statuses):
+        return None
+    leaders = [s for s in statuses if s.get("role") == "leader" and s.get("has_quorum")]
+    if not leaders:
+        return None
+    return max(leaders, key=lambda status: status.get("term", 0))
+
+
+# ---------------------------------------------------------------------------
+# Demo keys
+
+
+def provision_demo_keys(data_dir: Path, leader: dict, token: str) -> Path:
+    """Create the demo keys once; later runs keep the secrets already saved."""
+    path = data_dir / "demo-keys.json"
+    saved = read_json(path) or {}
+    for name, send, receive in DEMO_KEYS:
+        record = create_key(leader["admin_url"], token, name, send, receive)
+        if record.get("secret_key"):
+            saved[name] = {
+                field: record.get(field)
+                for field in ("access_key", "app_id", "secret_key", "send", "receive")
+            }
+        elif name not in saved:
+            say(
+                f"warning: key {name} exists but its secret is not in "
+                f"{shown(path)}; remove {shown(data_dir)} to start afresh"
+            )
+    write_private(path, json.dumps(saved, indent=2) + "\n")
+    return path
+
+
+def create_key(url: str, token: str, name: str, send: list, receive: list) -> dict:
+    from node.ctl import CtlError, request_json
+
+    body = {"name": name, "send": send, "receive": receive, "if_absent": True}
+    try:
+        return request_json(url + "/admin/keys", token, KEY_TIMEOUT_MS, "POST", body)
+    except CtlError as exc:
+        raise ScriptError(f"creating demo key {name} failed: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------
+# Summary
+
+
+def print_summary(
+    nodes: list[NodePlan], pids: list[int], leader: dict, data_dir: Path, keys: Path
+) -> None:
+    from node.ctl import render_table
+
+    headers = ["node", "pid", "role", "websocket", "admin", "raft", "log"]
+    rows = [
+        [
+            node.node_id,
+            str(pid),
+            "leader" if node.node_id == leader["id"] else "follower",
+            node.ws_url,
+            node.admin_url,
+            node.raft_address,
+            shown(node.log_file),
+        ]
+        for node, pid in zip(nodes, pids)
+    ]
+    say()
+    say(render_table(headers, rows))
+    say()
+    for label, value in summary_lines(nodes, data_dir, keys):
+        say(f"{label:<12} {value}")
+
+
+def summary_lines(nodes: list[NodePlan], data_dir: Path, keys: Path) -> list:
+    ctl = shown(VENV / "bin" / "ensyncctl")
+    cluster_file = data_dir / "cluster.json"
+    if cluster_file != Path(".ensync/cluster.json").resolve():
+        ctl += f" --cluster {shown(cluster_file)}"
+    stop = "./scripts/stop-cluster"
+    if data_dir != Path(".ensync").resolve():
+        stop += f" --data-dir {shown(data_dir)}"
+    first = nodes[0]
+    return [
+        ("demo keys", f"{shown(keys)} (demo-publisher, demo-consumer)"),
+        ("admin token", shown(data_dir / "admin_token")),
+        ("connect", f'{first.ws_url}  (SDK: EnSyncEngine("{first.admin_url}"))'),
+        ("status", f"{ctl} status"),
+        ("stop", stop),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# stop
+
+
+def stop(args: argparse.Namespace) -> None:
+    data_dir = Path(args.data_dir).resolve()
+    cluster = read_json(data_dir / "cluster.json")
+    if cluster is None:
+        say(f"no cluster.json in {shown(data_dir)}; nothing to stop")
+        return
+    if not stop_nodes(cluster.get("nodes", [])):
+        raise ScriptError("some nodes are still running")
+
+
+def stop_nodes(nodes: list[dict[str, Any]]) -> bool:
+    """SIGTERM, wait, SIGKILL what is left; report per node. True if all gone."""
+    running = [node for node in nodes if alive(node)]
+    for node in nodes:
+        if node not in running:
+            say(f"{node['id']}: not running")
+    signal_nodes(running, signal.SIGTERM)
+
+    lingering = wait_gone(running, STOP_WAIT_MS)
+    report(running, lingering, "stopped (SIGTERM)")
+    signal_nodes(lingering, signal.SIGKILL)
+
+    stuck = wait_gone(lingering, KILL_WAIT_MS)
+    report(lingering, stuck, "killed (SIGKILL)")
+    for node in stuck:
+        say(f"{node['id']}: pid {node['pid']} still running")
+    return not stuck
+
+
+def alive(node: dict[str, Any]) -> bool:
+    return is_node_process(int(node["pid"]), str(node["data_dir"]))
+
+
+def signal_nodes(nodes: list[dict[str, Any]], signum: signal.Signals) -> None:
+    for node in nodes:
+        # Re-check right before signalling: the pid may have been recycled.
+        if not alive(node):
+            continue
+        try:
+            os.kill(int(node["pid"]), signum)
+        except ProcessLookupError:
+            pass
+
+
+def wait_gone(nodes: list[dict[str, Any]], wait_ms: int) -> list[dict[str, Any]]:
+    deadline_ms = monotonic_ms() + wait_ms
+    while True:
+        reap_children()
+        left = [node for node in nodes if alive(node)]
+        if not left or monotonic_ms() >= deadline_ms:
+            return left
+        time.sleep(POLL_INTERVAL_MS / 1000)
+
+
+def reap_children() -> None:
+    # Only a failed start stops its own children; reap them so they vanish.
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def report(nodes: list, lingering: list, how: str) -> None:
+    for node in nodes:
+        if node not in lingering:
+            say(f"{node['id']}: pid {node['pid']} {how}")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+PROGS = {"ensure-venv": "ensure-venv", "start": "start-cluster", "stop": "stop-cluster"}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser
+
+    venv = add("ensure-venv", prog=PROGS["ensure-venv"], help="make .venv")
+    venv.add_argument("--extras", action="append", default=[])
+
+    start_cmd = add("start", prog=PROGS["start"], help="start a local cluster")
+    start_cmd.add_argument("--nodes", type=int, default=3)
+    start_cmd.add_argument("--base-port", type=int, default=8080)
+    start_cmd.add_argument("--data-dir", default=".ensync")
+
+    stop_cmd = add("stop", prog=PROGS["stop"], help="stop the local cluster")
+    stop_cmd.add_argument("--data-dir", default=".ensync")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # Name errors after the script the user ran, even for unknown flags.
+    prog = PROGS.get(argv[0], "cluster.py") if argv else "cluster.py"
+    args = build_parser(prog).parse_args(argv)
+    try:
+        if args.command == "ensure-venv":
+            ensure_venv(args.extras)
+        elif args.command == "start":
+            start(args)
+        else:
+            stop(args)
+    except ScriptError as exc:
+        fail(PROGS[args.command], str(exc))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
