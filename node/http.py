@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from node.errors import BrokerError, Unavailable
+from node.protocol import WS_MESSAGE_BYTES_MAX
 from node.session import Connection
 from raft import schema
 
@@ -60,7 +61,7 @@ async def _admin_auth(request: web.Request, handler):
 async def _websocket(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     ws = web.WebSocketResponse(heartbeat=node.cfg.ws_heartbeat_ms / 1000,
-                               max_msg_size=(1 << 20) + 1, compress=False)
+                               max_msg_size=WS_MESSAGE_BYTES_MAX, compress=False)
     await ws.prepare(request)
     conn = Connection(node, ws, request.remote or "?")
     await conn.run()

@@ -24,8 +24,14 @@ import orjson
 
 from node.errors import ProtocolError
 
-# The Python SDK's own incoming frame limit is websockets' default, 1 MiB.
+# The Python SDK's own incoming frame limit is websockets' default, 1 MiB. A
+# request above it gets -FAIL:PAYLOAD_TOO_LARGE; so does a PUB whose record would
+# exceed it, since the SDK would close its socket on that push.
 FRAME_BYTES_MAX = 1 << 20
+# Frames above this are not read at all: the socket closes with 1009.
+WS_MESSAGE_BYTES_MAX = 2 << 20
+# What a record adds around payload, metadata, name and sender (idem, block, ...).
+RECORD_OVERHEAD_BYTES = 256
 
 _VERB = re.compile(r"[A-Z]{2,16}\Z")
 _KEY_START = re.compile(r";(?=[A-Z_]{1,40}=)")
@@ -58,7 +64,7 @@ class Request:
 
 def parse_request(frame: str) -> Request:
     """Parse one text frame; raise ProtocolError with the wire code on bad input."""
-    if len(frame) > FRAME_BYTES_MAX:
+    if len(frame) > FRAME_BYTES_MAX // 4 and len(frame.encode()) > FRAME_BYTES_MAX:
         raise ProtocolError("frame exceeds 1048576 bytes", "PAYLOAD_TOO_LARGE")
 
     verb, _, rest = frame.partition(";")
@@ -102,8 +108,8 @@ def _value_end(text: str, key: str, start: int) -> int:
     if key in ("METADATA", "PAYLOAD_METADATA") and text.startswith("{", start):
         try:
             _, end = _JSON.raw_decode(text, start)
-        except ValueError:
-            end = None
+        except (ValueError, RecursionError):
+            end = None  # fall back to the next ;KEY= below
         if end is not None and (end == len(text) or _KEY_START.match(text, end)):
             return end
 

@@ -159,10 +159,16 @@ class Connection:
         if await self.node.read_fresh(self.node.app_record, to) is None:
             raise RequestRejected("DELIVERY_TO names no known app", "INVALID_RECIPIENT")
 
-        op = {"op": "publish", "from": self.app, "to": req.get("DELIVERY_TO"),
-              "name": name, "payload": req.get("PAYLOAD"),
-              "metadata": _metadata(req.get("METADATA")), "node": self.node.id,
-              "sid": self.sid}
+        payload, raw_metadata = req.get("PAYLOAD"), req.get("METADATA") or ""
+        record_bytes = (len(payload) + len(raw_metadata) + len(name) + len(self.app)
+                        + protocol.RECORD_OVERHEAD_BYTES)
+        if record_bytes > protocol.FRAME_BYTES_MAX:
+            raise ProtocolError("the record would exceed 1048576 bytes",
+                                "PAYLOAD_TOO_LARGE")
+
+        op = {"op": "publish", "from": self.app, "to": to, "name": name,
+              "payload": payload, "metadata": _metadata(raw_metadata),
+              "node": self.node.id, "sid": self.sid}
         result = await self.node.commit(op)
         return protocol.passed("PUBLISHED", IDEM=result["idem"], TIMESTAMP=result["ts"])
 

@@ -298,6 +298,9 @@ class BrokerState:
             return _fail("STALE_TERM", "decision from an older term")
 
         ev = self.events.get(key)
+        if ev is not None:
+            # Whatever the outcome, the leader must look at this app again.
+            self.dirty_apps.add(ev.app)
         session = self.sessions.get(op["sid"])
         if ev is None or ev.state != PENDING or session is None:
             return _fail("STALE", "event or session changed")
