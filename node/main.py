@@ -122,7 +122,14 @@ class _NodeIdFilter(logging.Filter):
 
 
 def setup_logging(node_id: str, log_file: str, level: str) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    if log_file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot open log file {log_file}: {exc}") from exc
+    else:
+        handler = logging.StreamHandler()
     handler.addFilter(_NodeIdFilter(node_id))
     handler.setFormatter(logging.Formatter(
         "%(node)s %(asctime)s %(levelname)s %(name)s %(message)s"))
@@ -157,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         cfg = build_config(settings)
+        setup_logging(cfg.id, settings["log_file"], settings["log_level"])
     except ConfigError as exc:
         print(f"ensync-node: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.id, settings["log_file"], settings["log_level"])
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
