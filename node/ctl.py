@@ -12,8 +12,11 @@ claim leadership the one with the higher term wins while the other is shown as
 a stale leader (it has not yet heard of the newer term). Lag is measured
 against the highest commit index any reachable node reports.
 
-Every failure of the world (no cluster file, refused token, no node answering,
-bad arguments) ends the command with one line on stderr and a non-zero exit.
+Exit codes: 0 when the command did its work (for `status`: the cluster is
+healthy), 1 when `status` found the cluster unhealthy (it still prints the
+table, even with no node answering), and 2 for a failure of the world (no
+cluster file, refused token, bad arguments, no node answering a `keys`
+command), which ends the command with one line on stderr.
 """
 
 from __future__ import annotations
@@ -377,10 +380,17 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def health_line(view: ClusterView) -> str:
+    """One line: the verdict first, then why.
+
+    Without a leader "quorum ok" would read as reassurance, so that case says
+    instead that an election may be under way when a majority answers.
+    """
     verdict = "healthy" if view.healthy else "unhealthy"
+    reach = f"{view.reachable}/{view.total} nodes reachable"
+    if view.leader is None and view.quorum_ok:
+        return f"{verdict}: no leader (election in progress?), {reach}"
     leader = f"leader {view.leader}" if view.leader else "no leader"
     quorum = "quorum ok" if view.quorum_ok else "no quorum"
-    reach = f"{view.reachable}/{view.total} nodes reachable"
     return f"{verdict}: {leader}, {reach}, {quorum}"
 
 

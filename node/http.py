@@ -155,6 +155,7 @@ async def _metrics(request: web.Request) -> web.Response:
         f"ensync_raft_is_leader {int(status['role'] == 'leader')}",
         f"ensync_raft_batches_total {prop['batches_total']}",
         f"ensync_raft_batched_ops_total {prop['ops_total']}",
+        f"ensync_raft_batch_resubmits_total {prop['resubmits_total']}",
         f"ensync_journal_fsync_total {journal.fsync_total}",
         f"ensync_journal_fsync_seconds_total {journal.fsync_seconds_total:.6f}",
         f"ensync_raft_log_entries {status['log_len']}",

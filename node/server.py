@@ -67,7 +67,7 @@ class Node:
         self._wake = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.broker = ReplicatedBroker(cfg.raft, self._on_applied)
-        self.proposer = Proposer(self.broker, self.loop)
+        self.proposer = Proposer(self.broker, self.loop, f"{self.id}.{self.boot}.")
         self._tasks: list[asyncio.Task] = []
         self._leading = False
         self._node_seen_ms: dict[str, int] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import shutil
@@ -48,6 +49,8 @@ log = logging.getLogger("ensync.raft")
 # well above the largest command we build, so no command is ever chunked.
 APPEND_ENTRIES_BYTES_MAX = 8 << 20
 COMMAND_BYTES_MAX = 2 << 20
+# Ops accepted by this node and not yet in a batch; beyond it writes fail fast.
+OPS_WAITING_MAX = 100_000
 
 
 @dataclass
@@ -127,9 +130,9 @@ class ReplicatedBroker(SyncObj):
             self.apply_skipped += 1
             return None
 
-        ops = orjson.loads(blob)
+        batch = orjson.loads(blob)
         with self.lock:
-            applied = self.state.apply(ops)
+            applied = self.state.apply_batch(batch["id"], batch["ops"])
             self.store.write(applied.writes, index)
             effects = [self._resolve(e) for e in applied.effects]
         if effects:
@@ -217,26 +220,52 @@ class ReplicatedBroker(SyncObj):
         return self._SyncObj__raftLog
 
 
-class Proposer:
-    """Groups concurrent operations of this node into Raft entries (group commit)."""
+@dataclass
+class _Batch:
+    batch_id: str
+    blob: str
+    futures: list
+    created_s: float
+    submitted_s: float = 0.0
+    attempts: int = 0
+    failed: bool = False
 
-    def __init__(self, broker: ReplicatedBroker, loop: asyncio.AbstractEventLoop):
+
+class Proposer:
+    """Groups concurrent operations of this node into Raft entries (group commit).
+
+    pysyncobj drops a forwarded command when the link to the leader is down at that
+    moment, and then never calls back; a leader change makes other outcomes
+    unknown. So every batch carries an id, apply answers a repeated id from its
+    dedup table (``BrokerState.apply_batch``), and a batch without an answer is
+    submitted again, backing off, until ``write_timeout_ms``.
+    """
+
+    RETRY_CHECK_MS = 100
+    RETRY_FIRST_MS = 1000
+
+    def __init__(self, broker: ReplicatedBroker, loop: asyncio.AbstractEventLoop,
+                 id_prefix: str):
         self.broker = broker
         self.cfg = broker.cfg
         self.loop = loop
-        self._ops: list[tuple[dict, asyncio.Future]] = []
-        self._bytes = 0
-        self._in_flight = 0
+        self._id_prefix = id_prefix
+        self._seq = itertools.count(1)
+        self._ops: collections.deque[tuple[dict, asyncio.Future]] = collections.deque()
+        self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self._done: collections.deque = collections.deque()
+        self._retry_task = loop.create_task(self._retry_loop())
         self.batches_total = 0
         self.ops_total = 0
+        self.resubmits_total = 0
 
     async def propose(self, op: dict) -> dict:
         """Commit one op and return its result; raise Unavailable on timeout."""
+        if len(self._ops) >= OPS_WAITING_MAX:
+            raise Unavailable("too many writes waiting on this node")
         fut = self.loop.create_future()
         self._ops.append((op, fut))
-        self._bytes += _size_hint(op)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -251,67 +280,80 @@ class Proposer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self._ops and self._in_flight < self.cfg.batches_in_flight_max:
-            batch = self._take_batch()
+        while self._ops and len(self._open) < self.cfg.batches_in_flight_max:
+            ops = self._take_ops()
+            batch_id = f"{self._id_prefix}{next(self._seq)}"
+            blob = orjson.dumps({"id": batch_id, "ops": [op for op, _ in ops]})
+            batch = _Batch(batch_id, blob.decode(), [fut for _, fut in ops],
+                           time.monotonic())
+            assert len(batch.blob) <= COMMAND_BYTES_MAX + 64 * 1024
+            self._open[batch_id] = batch
+            self.batches_total += 1
+            self.ops_total += len(ops)
             self._submit(batch)
 
-    def _take_batch(self) -> list[tuple[dict, asyncio.Future]]:
+    def _take_ops(self) -> list[tuple[dict, asyncio.Future]]:
         taken, size = [], 0
         while self._ops and len(taken) < self.cfg.batch_ops_max:
             op_size = _size_hint(self._ops[0][0])
             if taken and size + op_size > self.cfg.batch_bytes_max:
                 break
-            taken.append(self._ops.pop(0))
+            taken.append(self._ops.popleft())
             size += op_size
-        self._bytes -= size
         return taken
 
-    def _submit(self, batch) -> None:
-        blob = orjson.dumps([op for op, _ in batch]).decode()
-        assert len(blob) <= COMMAND_BYTES_MAX + 64 * 1024, len(blob)
-        futures = [fut for _, fut in batch]
-        self._in_flight += 1
-        self.batches_total += 1
-        self.ops_total += len(batch)
+    def _submit(self, batch: _Batch) -> None:
+        batch.attempts += 1
+        batch.failed = False
+        batch.submitted_s = time.monotonic()
 
         def on_result(result, err):  # tick thread
             first = not self._done
-            self._done.append((futures, result, err))
+            self._done.append((batch, result, err))
             if first:
                 self.loop.call_soon_threadsafe(self._drain)
 
-        self.broker.apply_batch(blob, callback=on_result)
+        self.broker.apply_batch(batch.blob, callback=on_result)
 
     def _drain(self) -> None:
         while self._done:
-            futures, result, err = self._done.popleft()
-            self._in_flight -= 1
-            for i, fut in enumerate(futures):
-                if fut.done():
-                    continue
-                if err == FAIL_REASON.SUCCESS and result is not None:
-                    fut.set_result(result[i])
-                else:
-                    fut.set_exception(Unavailable(_fail_text(err)))
+            batch, result, err = self._done.popleft()
+            if batch.batch_id not in self._open:
+                continue  # answered already, or given up
+            if err == FAIL_REASON.SUCCESS and result is not None:
+                del self._open[batch.batch_id]
+                for fut, res in zip(batch.futures, result):
+                    if not fut.done():
+                        fut.set_result(res)
+            else:
+                batch.failed = True  # the retry loop resubmits it
         if self._ops and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.RETRY_CHECK_MS / 1000)
+            now = time.monotonic()
+            for batch in list(self._open.values()):
+                if now - batch.created_s > self.cfg.write_timeout_ms / 1000:
+                    del self._open[batch.batch_id]  # propose() has timed out
+                    continue
+                wait_s = self.RETRY_FIRST_MS / 1000 * 2 ** (batch.attempts - 1)
+                if batch.failed or now - batch.submitted_s > wait_s:
+                    self.resubmits_total += 1
+                    self._submit(batch)
+            if self._ops and not self._flush_scheduled:
+                self._flush()
+
     def statistics(self) -> dict:
         return {"batches_total": self.batches_total, "ops_total": self.ops_total,
-                "batches_in_flight": self._in_flight, "ops_waiting": len(self._ops)}
+                "batches_in_flight": len(self._open), "ops_waiting": len(self._ops),
+                "resubmits_total": self.resubmits_total}
 
 
 def _size_hint(op: dict) -> int:
     return 128 + len(op.get("payload", "")) + len(op.get("metadata_raw", ""))
-
-
-def _fail_text(err) -> str:
-    if err in (FAIL_REASON.LEADER_CHANGED, getattr(FAIL_REASON, "UNKNOWN_OUTCOME", -1)):
-        return "leader changed, outcome unknown"
-    if err == FAIL_REASON.SUCCESS:
-        return "entry was already applied before a restart"
-    return "write not committed"
 
 
 def now_ms() -> int:

@@ -12,6 +12,7 @@ issue can move a range of partitions to another Raft group by prefix.
     a/<app id>                app record: name, send/receive patterns, created_ms
     s/<session id>            session: app, node, boot, opened_ms
     b/<session id>/<pattern>  subscription of a session
+    r/<batch id>              results of a recently applied batch (retry dedup)
     e/<p:04x>/<off:012x>      event record as published (payload, metadata, ...)
     d/<p:04x>/<off:012x>      delivery state of that event (state, session, attempts)
 """
@@ -59,6 +60,10 @@ def session_key(sid: str) -> bytes:
 
 def sub_key(sid: str, pattern: str) -> bytes:
     return b"b/" + sid.encode() + b"/" + pattern.encode()
+
+
+def batch_key(batch_id: str) -> bytes:
+    return b"r/" + batch_id.encode()
 
 
 def event_key(p: int, off: int) -> bytes:

@@ -29,12 +29,18 @@ pysyncobj's applied index), and keeping payloads in memory (unbounded).
 
 from __future__ import annotations
 
+import collections
 import heapq
 from dataclasses import dataclass, field
 
 import orjson
 
 from raft import schema
+
+# A proposer that got no answer resubmits the same batch under the same id. Apply
+# answers a repeat from this table instead of applying it twice. Entries leave the
+# table by log time, so every replica drops the same ones.
+BATCH_DEDUP_WINDOW_MS = 60_000
 
 PENDING = "pending"
 INFLIGHT = "inflight"
@@ -115,12 +121,16 @@ class BrokerState:
         self.dirty_apps: set[str] = set()
         self.planned: dict[tuple[int, int], int] = {}
         self.planned_slots: dict[tuple[str, str], int] = {}
+        # batch id -> (log time, results), oldest first
+        self.batches: collections.OrderedDict[str, tuple[int, list]] = (
+            collections.OrderedDict())
 
     # -- loading ----------------------------------------------------------------
 
     def load(self, rows) -> None:
         """Rebuild memory from RocksDB rows (key, value) in key order."""
         subs = []  # ``b/`` sorts before ``s/``: attach subscriptions last
+        batches = []
         for key, value in rows:
             prefix = key[:2]
             if prefix == b"a/":
@@ -133,12 +143,17 @@ class BrokerState:
                 subs.append((key[2:].decode(), orjson.loads(value)["paused"]))
             elif prefix == b"d/":
                 self._load_delivery(key, orjson.loads(value))
+            elif prefix == b"r/":
+                rec = orjson.loads(value)
+                batches.append((rec["ts"], key[2:].decode(), rec["results"]))
             elif key.startswith(b"m/off/"):
                 self.next_off[int(key[6:], 16)] = int(value)
             elif key == schema.FENCE:
                 self.fence_term = int(value)
             elif key == schema.CLOCK:
                 self.clock_ms = int(value)
+        for ts, batch_id, results in sorted(batches):
+            self.batches[batch_id] = (ts, results)
         for sid_pattern, paused in subs:
             sid, _, pattern = sid_pattern.partition("/")
             self.sessions[sid].subs[pattern] = paused
@@ -161,6 +176,25 @@ class BrokerState:
             self._enqueue(ev)
 
     # -- apply ------------------------------------------------------------------
+
+    def apply_batch(self, batch_id: str, ops: list[dict]) -> Applied:
+        """Apply a proposer's batch once, however many times it was submitted."""
+        seen = self.batches.get(batch_id)
+        if seen is not None:
+            return Applied({}, seen[1], [])
+
+        out = self.apply(ops)
+        self.batches[batch_id] = (self.clock_ms, out.results)
+        out.writes[schema.batch_key(batch_id)] = orjson.dumps(
+            {"ts": self.clock_ms, "results": out.results})
+        horizon_ms = self.clock_ms - BATCH_DEDUP_WINDOW_MS
+        while self.batches:
+            oldest_id, (ts, _) = next(iter(self.batches.items()))
+            if ts >= horizon_ms:
+                break
+            del self.batches[oldest_id]
+            out.writes[schema.batch_key(oldest_id)] = None
+        return out
 
     def apply(self, ops: list[dict]) -> Applied:
         assert isinstance(ops, list)

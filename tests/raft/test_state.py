@@ -775,3 +775,30 @@ def test_load_of_the_writes_rebuilds_a_state_that_plans_the_same_next_assignment
     next_loaded = assigned(plan(loaded, 7000, term=2))
     assert next_loaded == assigned(plan(run.state, 7000, term=2))
     assert next_loaded == [("s1", ORDERS, off + 1)]
+
+
+# -- batch dedup: a resubmitted batch is applied once ---------------------------
+
+
+def test_a_resubmitted_batch_is_answered_from_the_dedup_table():
+    state = BrokerState()
+    key = {"op": "key_create", "name": "a", "key_hash": "h", "app_id": "A",
+           "send": ["*"], "receive": ["*"], "ts": 1}
+    first = state.apply_batch("n1.b.1", [key])
+    again = state.apply_batch("n1.b.1", [key])
+
+    assert first.results == again.results == [{"ok": True, "app_id": "A"}]
+    assert again.writes == {}
+    assert list(state.apps) == ["A"]
+
+
+def test_dedup_entries_expire_by_log_time_on_every_replica_alike():
+    from raft.state import BATCH_DEDUP_WINDOW_MS
+
+    state = BrokerState()
+    state.apply_batch("old", [{"op": "barrier", "ts": 1}])
+    later = state.apply_batch("new", [{"op": "barrier",
+                                       "ts": 2 + BATCH_DEDUP_WINDOW_MS}])
+
+    assert later.writes[b"r/old"] is None
+    assert list(state.batches) == ["new"]
