@@ -158,6 +158,7 @@ async def serve(cfg: NodeConfig) -> None:
     logging.getLogger("ensync.node").info("stopping")
     await node.stop()
     await runner.cleanup()
+    node.close_storage()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,12 +81,18 @@ class Node:
         self._tasks.append(asyncio.create_task(self._watchdog_loop()))
 
     async def stop(self) -> None:
+        """Fail waiting writes, close clients; the caller then stops Raft."""
         for task in self._tasks:
             task.cancel()
-        for conn in list(self.connections.values()):
-            await conn.ws.close(code=1001, message=b"node shutting down")
+        self.proposer.close()
+        closing = [conn.ws.close(code=1001, message=b"node shutting down")
+                   for conn in list(self.connections.values())]
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    def close_storage(self) -> None:
         self.broker.destroy()
-        self.broker.store.close()
+        with self.broker.lock:
+            self.broker.store.close()
 
     # -- state access (loop thread) -------------------------------------------------
 
@@ -174,6 +180,8 @@ class Node:
                 await self.commit({"op": "session_close", "sid": sid, "reason": reason})
                 return
             except Unavailable:
+                if self.proposer.closed:
+                    return  # node_boot closes it when this node starts again
                 await asyncio.sleep(0.2 * (attempt + 1))
         log.warning("could not close session sid=%s", sid)
 

@@ -259,9 +259,25 @@ class Proposer:
         self.batches_total = 0
         self.ops_total = 0
         self.resubmits_total = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """Fail every waiting write at once: the node is shutting down."""
+        self.closed = True
+        self._retry_task.cancel()
+        waiting = [fut for _, fut in self._ops]
+        for batch in self._open.values():
+            waiting.extend(batch.futures)
+        self._ops.clear()
+        self._open.clear()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(Unavailable("node is shutting down, outcome unknown"))
 
     async def propose(self, op: dict) -> dict:
         """Commit one op and return its result; raise Unavailable on timeout."""
+        if self.closed:
+            raise Unavailable("node is shutting down")
         if len(self._ops) >= OPS_WAITING_MAX:
             raise Unavailable("too many writes waiting on this node")
         fut = self.loop.create_future()
