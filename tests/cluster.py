@@ -155,6 +155,7 @@ class Cluster:
         admin_token: str | None = None,
         node_flags: dict[str, list[str]] | None = None,
         extra_flags: Iterable[str] = (),
+        wrappers: dict[str, list[str]] | None = None,
     ) -> None:
         assert size >= 1
         assert 0 < raft_min_timeout_ms < raft_max_timeout_ms
@@ -166,6 +167,8 @@ class Cluster:
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.node_flags = dict(node_flags or {})
         self.extra_flags = list(extra_flags)
+        # Per node, a command line that runs the node (e.g. strace ... --).
+        self.wrappers = dict(wrappers or {})
         self.nodes: dict[str, Node] = {}
 
     # -- lifecycle ---------------------------------------------------------
@@ -218,7 +221,8 @@ class Cluster:
         command += ["--raft-max-timeout-ms", str(self.raft_max_timeout_ms)]
         if peers:
             command += ["--peers", peers]
-        return command + self.extra_flags + node.flags
+        wrapper = self.wrappers.get(node.node_id, [])
+        return wrapper + command + self.extra_flags + node.flags
 
     def _spawn(self, node: Node) -> None:
         # A developer's ENSYNC_* settings must not leak into test nodes.
