@@ -69,7 +69,11 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def _health(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "id": request.app[NODE_KEY].id})
+    node = request.app[NODE_KEY]
+    if node.broker.journal().failed:
+        return _json({"status": "failing", "id": node.id,
+                      "reason": "journal write failed"}, 503)
+    return _json({"status": "ok", "id": node.id})
 
 
 async def _status(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ import base64
 import collections
 import itertools
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -203,6 +204,18 @@ class Node:
                 if not conn.ws.closed:
                     asyncio.ensure_future(_send_quietly(conn.ws, "PING"))
 
+    def _exit_if_journal_failed(self) -> None:
+        """A journal whose fsync failed must never speak for its log again.
+
+        After a failed fsync Linux may report a retry as successful with the data
+        gone, so the journal stays failed; the node stops rather than linger as a
+        member that cannot vote or acknowledge honestly.
+        """
+        if self.broker.journal().failed:
+            log.critical("journal write failed; stopping the node, restart it "
+                         "after checking the disk")
+            os._exit(70)
+
     async def _watchdog_loop(self) -> None:
         """Leader: force a snapshot when a connected follower stops catching up.
 
@@ -213,6 +226,7 @@ class Node:
         watch: dict[str, tuple[int, int]] = {}  # node -> (match index, since ms)
         while True:
             await asyncio.sleep(1)
+            self._exit_if_journal_failed()
             if not self.broker._isLeader():
                 watch.clear()
                 continue

@@ -37,8 +37,8 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from node.errors import Unavailable
 from raft import snapshot
-from raft.durability import (SyncingTCPTransport, install_durable_journal,
-                             sync_journal_on_tick)
+from raft.durability import (SyncingTCPTransport, durable_journal_of,
+                             install_durable_journal)
 from raft.state import BrokerState, Close, Push
 from raft.store import Store, applied_index_of
 
@@ -65,6 +65,7 @@ class RaftConfig:
     compaction_min_entries: int = 20000
     compaction_min_time_ms: int = 600_000
     connection_timeout_ms: int = 30_000
+    connection_retry_ms: int = 500
     append_period_ms: int = 10
     tick_period_ms: int = 2
     batch_ops_max: int = 512
@@ -94,7 +95,6 @@ class ReplicatedBroker(SyncObj):
         install_durable_journal()
         super().__init__(cfg.raft_address, list(cfg.peers.values()),
                          self._conf(), transportClass=SyncingTCPTransport)
-        sync_journal_on_tick(self)
         log.info("raft started address=%s applied=%d", cfg.raft_address, self.store.applied_index)
 
     def _conf(self) -> SyncObjConf:
@@ -113,6 +113,8 @@ class ReplicatedBroker(SyncObj):
             raftMaxTimeout=c.raft_max_timeout_ms / 1000,
             leaderFallbackTimeout=c.leader_fallback_timeout_ms / 1000,
             connectionTimeout=c.connection_timeout_ms / 1000,
+            # The default 5 s leaves a node that started first alone for 5 s.
+            connectionRetryTime=c.connection_retry_ms / 1000,
             logCompactionMinEntries=c.compaction_min_entries,
             logCompactionMinTime=c.compaction_min_time_ms / 1000,
             # Split windows would also delay a forced compaction by minutes.
@@ -216,8 +218,7 @@ class ReplicatedBroker(SyncObj):
                 for k, v in raw.items() if k.startswith("match_idx_server_")}
 
     def journal(self):
-        # pysyncobj keeps the journal in a name-mangled private attribute.
-        return self._SyncObj__raftLog
+        return durable_journal_of(self)
 
 
 @dataclass

@@ -93,6 +93,25 @@ def extract(path: str, header: dict, target_dir: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(body), mode="r") as tar:
         tar.extractall(staging, filter="data")
+    # pysyncobj renames the received file into place without an fsync, and the
+    # journal is cleared right after this returns: make the new state durable first.
+    _fsync_tree(os.path.join(staging, "db"))
     shutil.rmtree(target_dir, ignore_errors=True)
     os.rename(os.path.join(staging, "db"), target_dir)
     shutil.rmtree(staging, ignore_errors=True)
+    _fsync_path(os.path.dirname(os.path.abspath(target_dir)))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(os.path.join(folder, name))
+        _fsync_path(folder)

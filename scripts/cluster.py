@@ -4,8 +4,12 @@
     start [--nodes N] ...         run by .venv/bin/python: start N nodes, wait
     stop [--data-dir DIR]         run by .venv/bin/python: stop what start began
 
-The install step is keyed on a stamp in .venv holding pyproject.toml's hash,
-so a second run costs nothing until the dependencies change.
+The install step is keyed on a stamp in .venv holding pyproject.toml's hash
+and the extras installed under it, so a second run costs nothing until the
+dependencies change or an extra is wanted that nothing installed covers.
+
+`start` on a data dir whose cluster.json shows some nodes running and some not
+starts only the missing ones, with the ports, data dirs and token on record.
 
 `start` launches each node detached (own session, stdin from /dev/null, output
 appended to its node.log) so the nodes outlive the shell that started them.
@@ -38,6 +42,9 @@ STAMP = VENV / ".ensync-install.json"
 PYTHON_VERSION_MIN = (3, 11)
 
 HOST = "127.0.0.1"
+NODES_DEFAULT = 3
+BASE_PORT_DEFAULT = 8080
+DATA_DIR_DEFAULT = ".ensync"
 RAFT_PORT_OFFSET = 100
 PORT_MAX = 65535
 NODES_MAX = 9
@@ -94,18 +101,57 @@ def shown(path: Path) -> str:
 # ensure-venv
 
 
-def install_stamp(extras: list[str]) -> dict[str, Any]:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    return {"pyproject_sha256": digest, "extras": sorted(extras)}
+def declared_extras() -> dict[str, list[str]]:
+    """pyproject.toml's optional-dependency groups, by name."""
+    import tomllib  # after the version check: 3.11+
+
+    try:
+        with open(ROOT / "pyproject.toml", "rb") as handle:
+            project = tomllib.load(handle).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScriptError(f"cannot read pyproject.toml: {exc}") from exc
+    groups = project.get("optional-dependencies", {})
+    return {name: list(requirements) for name, requirements in groups.items()}
 
 
-def stamp_covers(wanted: dict[str, Any]) -> bool:
+def requirement_key(requirement: str) -> str:
+    return "".join(requirement.split()).lower()
+
+
+def read_stamp() -> tuple[str | None, set[str]]:
+    """The pyproject.toml hash the stamp was made for, and its extras."""
     try:
         have = json.loads(STAMP.read_text())
     except (OSError, ValueError):
-        return False
-    same_project = have.get("pyproject_sha256") == wanted["pyproject_sha256"]
-    return same_project and set(wanted["extras"]) <= set(have.get("extras", []))
+        return None, set()
+    if not isinstance(have, dict):
+        return None, set()
+    extras = have.get("extras")
+    extras = extras if isinstance(extras, list) else []
+    digest = have.get("pyproject_sha256")
+    return (digest if isinstance(digest, str) else None), {
+        extra for extra in extras if isinstance(extra, str)
+    }
+
+
+def extras_covered(
+    wanted: set[str], installed: set[str], declared: dict[str, list[str]]
+) -> bool:
+    """True when what is installed already satisfies every wanted extra.
+
+    An extra counts as covered when it was installed itself or when the extras
+    that were installed already list all of its requirements (the `test`
+    extra includes everything `sdk` asks for).
+    """
+    provided = {
+        requirement_key(requirement)
+        for extra in installed & declared.keys()
+        for requirement in declared[extra]
+    }
+    return all(
+        extra in installed or {requirement_key(r) for r in declared[extra]} <= provided
+        for extra in wanted
+    )
 
 
 def venv_python_works() -> bool:
@@ -118,22 +164,40 @@ def venv_python_works() -> bool:
 
 
 def ensure_venv(extras: list[str]) -> None:
+    """Make .venv and install the project with `extras`, unless already done.
+
+    The stamp in .venv records pyproject.toml's hash and every extra installed
+    under it. A reinstall keeps the extras installed before, so alternating
+    between start-cluster (sdk) and run-tests (test) installs at most once.
+    """
     if sys.version_info < PYTHON_VERSION_MIN:
         wanted = ".".join(map(str, PYTHON_VERSION_MIN))
         raise ScriptError(f"{sys.executable} is too old; the project needs {wanted}+")
 
-    stamp = install_stamp(extras)
-    if venv_python_works() and stamp_covers(stamp):
+    declared = declared_extras()
+    wanted = {part.strip() for extra in extras for part in extra.split(",")}
+    wanted.discard("")
+    unknown = sorted(wanted - declared.keys())
+    if unknown:
+        raise ScriptError(f"pyproject.toml declares no extra {', '.join(unknown)}")
+
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    works = venv_python_works()
+    stamped_digest, before = read_stamp() if works else (None, set())
+    if stamped_digest == digest and extras_covered(wanted, before, declared):
         return
-    if not venv_python_works():
+    if not works:
         say(f"creating {shown(VENV)} ...")
         run_quietly([sys.executable, "-m", "venv", "--clear", str(VENV)], "venv")
+    # Keep what an earlier install brought in, as long as it still exists.
+    extras_now = sorted(wanted | (before & declared.keys()))
 
-    spec = f".[{','.join(extras)}]" if extras else "."
+    spec = f".[{','.join(extras_now)}]" if extras_now else "."
     say(f"installing the project into {shown(VENV)} ({spec}) ...")
     pip = [str(VENV_PYTHON), "-m", "pip", "install", "-qq"]
     pip += ["--disable-pip-version-check", "-e", spec]
     run_quietly(pip, "pip install")
+    stamp = {"pyproject_sha256": digest, "extras": extras_now}
     STAMP.write_text(json.dumps(stamp) + "\n")
 
 
@@ -300,71 +364,159 @@ def cluster_record(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
     return {"nodes": entries, "admin_token": token}
 
 
-def live_nodes(cluster: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        node
-        for node in cluster.get("nodes", [])
-        if is_node_process(int(node["pid"]), str(node["data_dir"]))
-    ]
-
-
 # ---------------------------------------------------------------------------
 # start
 
 
-def check_not_running(cluster_file: Path) -> None:
-    cluster = read_json(cluster_file)
-    if cluster is None:
-        return
-    running = live_nodes(cluster)
-    if running:
-        pids = ", ".join(f"{node['id']}={node['pid']}" for node in running)
-        raise ScriptError(
-            f"already running ({pids}); stop it first with ./scripts/stop-cluster"
-        )
-
-
-def check_ports(nodes: list[NodePlan]) -> None:
+def check_ports(nodes: list[NodePlan], hint: str) -> None:
     ports = [port for node in nodes for port in (node.http_port, node.raft_port)]
     busy = [str(port) for port in ports if not port_is_free(port)]
     if busy:
-        raise ScriptError(
-            f"port {', '.join(busy)} on {HOST} is busy; pick another --base-port"
-        )
+        raise ScriptError(f"port {', '.join(busy)} on {HOST} is busy; {hint}")
 
 
 def start(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir).resolve()
     cluster_file = data_dir / "cluster.json"
-    nodes = plan_nodes(args.nodes, args.base_port, data_dir)
-    check_not_running(cluster_file)
-    check_ports(nodes)
+    cluster = read_json(cluster_file)
+    if cluster is not None:
+        nodes, pids = recorded_nodes(cluster, cluster_file)
+        if any(is_running(node, pid) for node, pid in zip(nodes, pids)):
+            start_missing(args, data_dir, nodes, pids, recorded_token(cluster))
+            return
 
+    nodes = plan_nodes(
+        NODES_DEFAULT if args.nodes is None else args.nodes,
+        BASE_PORT_DEFAULT if args.base_port is None else args.base_port,
+        data_dir,
+    )
+    check_ports(nodes, "pick another --base-port")
     data_dir.mkdir(parents=True, exist_ok=True)
     token = load_or_create_token(data_dir)
     pids = [spawn(node, nodes, token) for node in nodes]
-    write_private(
-        cluster_file, json.dumps(cluster_record(nodes, pids, token), indent=2)
-    )
+    launched(data_dir, nodes, pids, token, list(range(len(nodes))))
 
+
+def start_missing(
+    args: argparse.Namespace,
+    data_dir: Path,
+    nodes: list[NodePlan],
+    pids: list[int],
+    token: str,
+) -> None:
+    """Some nodes of the recorded cluster run: start the others as they were."""
+    check_same_layout(args, nodes, data_dir)
+    dead = [i for i, node in enumerate(nodes) if not is_running(node, pids[i])]
+    if not dead:
+        running = ", ".join(f"{node.node_id}={pid}" for node, pid in zip(nodes, pids))
+        raise ScriptError(
+            f"already running ({running}); stop it first with {stop_command(data_dir)}"
+        )
+
+    missing = [nodes[i] for i in dead]
+    check_ports(missing, "cannot start the missing nodes on their recorded ports")
+    pids = list(pids)
+    for i in dead:
+        pids[i] = spawn(nodes[i], nodes, token)
+        say(f"{nodes[i].node_id} was not running; started it (pid {pids[i]})")
+    launched(data_dir, nodes, pids, token, dead)
+
+
+def launched(
+    data_dir: Path,
+    nodes: list[NodePlan],
+    pids: list[int],
+    token: str,
+    spawned: list[int],
+) -> None:
+    """Record the pids, wait for a leader, make the demo keys, print a summary.
+
+    `spawned` holds the indexes of the nodes this run started; only those are
+    stopped again if the cluster does not come up.
+    """
+    record = cluster_record(nodes, pids, token)
+    write_private(data_dir / "cluster.json", json.dumps(record, indent=2))
     try:
-        leader = wait_for_leader(nodes, pids, token)
+        leader = wait_for_leader(nodes, pids, token, spawned)
         keys_file = provision_demo_keys(data_dir, leader, token)
     except (ScriptError, KeyboardInterrupt):
         say("\nstartup failed; stopping the nodes it started")
-        stop_nodes(cluster_record(nodes, pids, token)["nodes"])
+        stop_nodes([record["nodes"][i] for i in spawned])
         raise
     print_summary(nodes, pids, leader, data_dir, keys_file)
 
 
-def wait_for_leader(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
+def recorded_nodes(
+    cluster: dict[str, Any], cluster_file: Path
+) -> tuple[list[NodePlan], list[int]]:
+    """The nodes and pids a cluster.json written by `start` describes."""
+    try:
+        entries = cluster["nodes"]
+        nodes = [
+            NodePlan(
+                str(entry["id"]),
+                port_of(entry["admin_url"]),
+                port_of(entry["raft_address"]),
+                Path(entry["data_dir"]),
+            )
+            for entry in entries
+        ]
+        pids = [int(entry["pid"]) for entry in entries]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ScriptError(
+            f"{shown(cluster_file)} is not as start-cluster writes it ({exc!r}); "
+            "stop its nodes and remove it"
+        ) from exc
+    if not nodes:
+        raise ScriptError(f"{shown(cluster_file)} lists no nodes; remove it")
+    return nodes, pids
+
+
+def port_of(address: str) -> int:
+    """The port of `http://host:port` or `host:port`."""
+    return int(str(address).rstrip("/").rsplit(":", 1)[1])
+
+
+def recorded_token(cluster: dict[str, Any]) -> str:
+    token = cluster.get("admin_token")
+    if not isinstance(token, str) or not token:
+        raise ScriptError("cluster.json holds no admin_token; stop the cluster first")
+    return token
+
+
+def check_same_layout(
+    args: argparse.Namespace, nodes: list[NodePlan], data_dir: Path
+) -> None:
+    """Refuse flags that contradict the cluster that is partly running."""
+    stop = stop_command(data_dir)
+    base_port = nodes[0].http_port - 1
+    if args.nodes is not None and args.nodes != len(nodes):
+        raise ScriptError(
+            f"the cluster in {shown(data_dir)} has {len(nodes)} nodes, some running; "
+            f"stop it first ({stop}) to change --nodes"
+        )
+    if args.base_port is not None and args.base_port != base_port:
+        raise ScriptError(
+            f"the cluster in {shown(data_dir)} uses --base-port {base_port}, some "
+            f"nodes running; stop it first ({stop}) to change --base-port"
+        )
+
+
+def is_running(node: NodePlan, pid: int) -> bool:
+    return is_node_process(pid, str(node.data_dir))
+
+
+def wait_for_leader(
+    nodes: list[NodePlan], pids: list[int], token: str, spawned: list[int]
+) -> dict:
     """Wait until every node answers and one leads with a quorum."""
     say(f"waiting for {len(nodes)} nodes and a leader ", end="")
     deadline_ms = monotonic_ms() + LEADER_WAIT_MS
     next_dot_ms = monotonic_ms() + DOT_INTERVAL_MS
+    children = [(nodes[i], pids[i]) for i in spawned]
 
     while monotonic_ms() < deadline_ms:
-        check_alive(nodes, pids)
+        check_alive(children)
         statuses = [fetch_status(node, token) for node in nodes]
         leader = settled_leader(statuses)
         if leader is not None:
@@ -381,8 +533,9 @@ def wait_for_leader(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
     raise ScriptError(f"no leader within {LEADER_WAIT_MS} ms; log tails above")
 
 
-def check_alive(nodes: list[NodePlan], pids: list[int]) -> None:
-    for node, pid in zip(nodes, pids):
+def check_alive(children: list[tuple[NodePlan, int]]) -> None:
+    """Fail fast when a node this run started has exited (only children reap)."""
+    for node, pid in children:
         reaped, _ = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
             say(f"\n--- {shown(node.log_file)} ends:\n{log_tail(node.log_file)}")
@@ -476,19 +629,23 @@ def print_summary(
 def summary_lines(nodes: list[NodePlan], data_dir: Path, keys: Path) -> list:
     ctl = shown(VENV / "bin" / "ensyncctl")
     cluster_file = data_dir / "cluster.json"
-    if cluster_file != Path(".ensync/cluster.json").resolve():
+    if cluster_file != (Path(DATA_DIR_DEFAULT) / "cluster.json").resolve():
         ctl += f" --cluster {shown(cluster_file)}"
-    stop = "./scripts/stop-cluster"
-    if data_dir != Path(".ensync").resolve():
-        stop += f" --data-dir {shown(data_dir)}"
     first = nodes[0]
     return [
         ("demo keys", f"{shown(keys)} (demo-publisher, demo-consumer)"),
         ("admin token", shown(data_dir / "admin_token")),
         ("connect", f'{first.ws_url}  (SDK: EnSyncEngine("{first.admin_url}"))'),
         ("status", f"{ctl} status"),
-        ("stop", stop),
+        ("stop", stop_command(data_dir)),
     ]
+
+
+def stop_command(data_dir: Path) -> str:
+    command = "./scripts/stop-cluster"
+    if data_dir != Path(DATA_DIR_DEFAULT).resolve():
+        command += f" --data-dir {shown(data_dir)}"
+    return command
 
 
 # ---------------------------------------------------------------------------
@@ -576,16 +733,66 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser
 
-    venv = add("ensure-venv", prog=PROGS["ensure-venv"], help="make .venv")
-    venv.add_argument("--extras", action="append", default=[])
+    venv = add(
+        "ensure-venv",
+        prog=PROGS["ensure-venv"],
+        help="make .venv",
+        description="Create .venv if needed and install the project into it "
+        "with the given extras, unless the stamp in .venv shows that is done.",
+    )
+    venv.add_argument(
+        "--extras",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an optional-dependency group of pyproject.toml to install too "
+        "(repeatable or a comma list; default: none)",
+    )
 
-    start_cmd = add("start", prog=PROGS["start"], help="start a local cluster")
-    start_cmd.add_argument("--nodes", type=int, default=3)
-    start_cmd.add_argument("--base-port", type=int, default=8080)
-    start_cmd.add_argument("--data-dir", default=".ensync")
+    start_cmd = add(
+        "start",
+        prog=PROGS["start"],
+        help="start a local cluster",
+        description="Start a local cluster on 127.0.0.1 in the background, wait "
+        "for a leader, create the demo keys and print a summary. If some nodes "
+        "of the cluster recorded in DIR/cluster.json are running and others are "
+        "not, start only the missing ones, on their recorded ports and data "
+        "dirs, with the same admin token.",
+    )
+    start_cmd.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help=f"how many nodes to start, 1 to {NODES_MAX} (default: {NODES_DEFAULT})",
+    )
+    start_cmd.add_argument(
+        "--base-port",
+        type=int,
+        metavar="PORT",
+        help="node i serves HTTP and WebSocket on PORT+i and Raft on "
+        f"PORT+{RAFT_PORT_OFFSET}+i (default: {BASE_PORT_DEFAULT})",
+    )
+    start_cmd.add_argument(
+        "--data-dir",
+        default=DATA_DIR_DEFAULT,
+        metavar="DIR",
+        help="where cluster.json, the admin token, the demo keys and each "
+        f"node's data and log live (default: {DATA_DIR_DEFAULT})",
+    )
 
-    stop_cmd = add("stop", prog=PROGS["stop"], help="stop the local cluster")
-    stop_cmd.add_argument("--data-dir", default=".ensync")
+    stop_cmd = add(
+        "stop",
+        prog=PROGS["stop"],
+        help="stop the local cluster",
+        description="Stop the nodes listed in DIR/cluster.json: SIGTERM, then "
+        f"SIGKILL after {STOP_WAIT_MS // 1000} s. The data stays.",
+    )
+    stop_cmd.add_argument(
+        "--data-dir",
+        default=DATA_DIR_DEFAULT,
+        metavar="DIR",
+        help=f"the data dir start-cluster used (default: {DATA_DIR_DEFAULT})",
+    )
     return parser
 
 

@@ -216,7 +216,7 @@ class Cluster:
         command = [sys.executable, "-m", "node.main", "--id", node.node_id]
         command += ["--host", HOST, "--port", str(node.http_port)]
         command += ["--raft", node.raft_address, "--data-dir", str(node.data_dir)]
-        command += ["--admin-token", self.admin_token]
+        command += [f"--admin-token={self.admin_token}"]  # tokens may start with -
         command += ["--raft-min-timeout-ms", str(self.raft_min_timeout_ms)]
         command += ["--raft-max-timeout-ms", str(self.raft_max_timeout_ms)]
         if peers:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from node.ctl import Probe, Target, render_table, summarize
+from node.ctl import Probe, Target, health_line, render_table, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 CTL_TIMEOUT_S = 60
@@ -116,6 +116,29 @@ def test_leader_reporting_no_quorum_makes_the_cluster_unhealthy():
     view = summarize([probe("n1", "leader", has_quorum=False), probe("n2")])
 
     assert not view.healthy
+
+
+def test_health_line_without_a_leader_never_says_quorum_ok():
+    electing = summarize([probe("n1", "candidate"), probe("n2"), down("n3")])
+    alone = summarize([probe("n1", "candidate"), down("n2"), down("n3")])
+    silent = summarize([down("n1"), down("n2"), down("n3")])
+
+    assert health_line(electing) == (
+        "unhealthy: no leader (election in progress?), 2/3 nodes reachable"
+    )
+    assert health_line(alone) == "unhealthy: no leader, 1/3 nodes reachable, no quorum"
+    assert health_line(silent) == "unhealthy: no leader, 0/3 nodes reachable, no quorum"
+
+
+def test_status_with_no_node_answering_prints_the_table_and_exits_1():
+    result = run_ctl("--url", "127.0.0.1:1,127.0.0.1:2", "--token", "t", "status")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[0] == "node"
+    assert [line.split()[2] for line in lines[1:3]] == ["unreachable"] * 2
+    assert lines[-1] == "unhealthy: no leader, 0/2 nodes reachable, no quorum"
 
 
 def test_table_columns_line_up():
