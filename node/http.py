@@ -116,6 +116,8 @@ async def _create_key(request: web.Request) -> web.Response:
           "key_hash": schema.hash_access_key(material["access_key"])}
     try:
         await node.commit(op)
+    except Unavailable:
+        raise  # the middleware answers 503
     except BrokerError as exc:
         if exc.code == "NAME_TAKEN" and body.get("if_absent"):
             existing = node.app_record(_app_by_name(node, name))

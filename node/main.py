@@ -38,7 +38,7 @@ SETTINGS = [
     ("ack_timeout_ms", int, 60000, "unacked records return to the queue after this"),
     ("node_down_ms", int, 5000, "sessions of an unreachable node close after this"),
     ("batch_ops_max", int, 512, "operations per Raft entry"),
-    ("batch_bytes_max", int, 1 << 20, "bytes per Raft entry"),
+    ("batch_bytes_max", int, 2 << 20, "bytes per Raft entry"),
     ("batches_in_flight_max", int, 32, "Raft entries proposed and not yet applied"),
     ("stuck_follower_ms", int, 10_000, "force a snapshot for a follower stuck this long"),
     ("ping_interval_ms", int, 30_000, "text PING to every client this often"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -33,6 +34,11 @@ log = logging.getLogger("ensync.session")
 PENDING_REQUESTS_MAX = 1024
 # Spec 9.4: the SDK may drop a record pushed right after +PASS:SUBSCRIBED.
 PUSH_HOLD_AFTER_SUB_MS = 200
+# Event names and subscription patterns: printable ASCII, no spaces or ';'.
+EVENT_NAME_BYTES_MAX = 256
+_EVENT_NAME = re.compile(r"[!-:<-~]{1,%d}\Z" % EVENT_NAME_BYTES_MAX)
+# PAYLOAD is base64 (spec 3.2); it needs no escaping inside a JSON record.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
 
 def covers(granted: str, wanted: str) -> bool:
@@ -55,6 +61,9 @@ class Connection:
         self.sub_ready_at: dict[str, float] = {}
         self.requests_total = 0
         self.pushes_total = 0
+        # CONN waits on CONN: a second one pipelined behind the first must see
+        # the session the first one opened.
+        self._conn_lock = asyncio.Lock()
 
     # -- reading ----------------------------------------------------------------
 
@@ -71,7 +80,14 @@ class Connection:
                     break
         finally:
             writer.cancel()
+            self._drop_unsent_replies()
             await self.node.on_disconnect(self)
+
+    def _drop_unsent_replies(self) -> None:
+        """The socket is gone: nobody will read these replies, or their errors."""
+        while not self.replies.empty():
+            task = self.replies.get_nowait()
+            task.add_done_callback(_consume_outcome)
 
     async def _on_text(self, text: str) -> None:
         if text == "PONG":
@@ -124,6 +140,10 @@ class Connection:
         return await handler(req)
 
     async def _conn(self, req: protocol.Request) -> str:
+        async with self._conn_lock:
+            return await self._conn_locked(req)
+
+    async def _conn_locked(self, req: protocol.Request) -> str:
         key = req.get("ACCESS_KEY")
         if not key:
             client_id = req.get("CLIENT_ID")
@@ -149,7 +169,7 @@ class Connection:
         return protocol.conn_passed(sid, app)
 
     async def _pub(self, req: protocol.Request) -> str:
-        name = req.get("EVENT_NAME")
+        name = _event_name(req)
         app = self.node.app_record(self.app)
         if not any(schema.matches(p, name) for p in app["send"]):
             raise RequestRejected(f"no send permission for {name}", "PERMISSION_DENIED")
@@ -159,21 +179,25 @@ class Connection:
         if await self.node.read_fresh(self.node.app_record, to) is None:
             raise RequestRejected("DELIVERY_TO names no known app", "INVALID_RECIPIENT")
 
-        payload, raw_metadata = req.get("PAYLOAD"), req.get("METADATA") or ""
-        record_bytes = (len(payload) + len(raw_metadata) + len(name) + len(self.app)
-                        + protocol.RECORD_OVERHEAD_BYTES)
+        payload = req.get("PAYLOAD")
+        if not _BASE64.match(payload):
+            raise ProtocolError("PAYLOAD must be base64")
+        metadata = _metadata(req.get("METADATA"))
+        # Sizes as the record will be serialized: escaping can grow JSON text.
+        record_bytes = (len(payload) + len(orjson.dumps(metadata)) + len(name)
+                        + len(self.app) + protocol.RECORD_OVERHEAD_BYTES)
         if record_bytes > protocol.FRAME_BYTES_MAX:
             raise ProtocolError("the record would exceed 1048576 bytes",
                                 "PAYLOAD_TOO_LARGE")
 
         op = {"op": "publish", "from": self.app, "to": to, "name": name,
-              "payload": payload, "metadata": _metadata(raw_metadata),
-              "node": self.node.id, "sid": self.sid}
+              "payload": payload, "metadata": metadata, "node": self.node.id,
+              "sid": self.sid}
         result = await self.node.commit(op)
         return protocol.passed("PUBLISHED", IDEM=result["idem"], TIMESTAMP=result["ts"])
 
     async def _sub(self, req: protocol.Request) -> str:
-        pattern = req.get("EVENT_NAME")
+        pattern = _event_name(req)
         app = self.node.app_record(self.app)
         if not any(covers(p, pattern) for p in app["receive"]):
             raise RequestRejected(f"no receive permission for {pattern}",
@@ -214,6 +238,19 @@ class Connection:
             await self.ws.send_str(frame)
         except ConnectionError:
             pass  # the disconnect path hands the record on
+
+
+def _event_name(req: protocol.Request) -> str:
+    name = req.get("EVENT_NAME")
+    if not _EVENT_NAME.match(name):
+        raise ProtocolError(f"EVENT_NAME must be 1-{EVENT_NAME_BYTES_MAX} printable "
+                            "ASCII characters without spaces or semicolons")
+    return name
+
+
+def _consume_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _metadata(raw: str | None) -> dict:

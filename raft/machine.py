@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import orjson
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
-from node.errors import Unavailable
+from node.errors import RequestRejected, Unavailable
 from raft import snapshot
 from raft.durability import (SyncingTCPTransport, durable_journal_of,
                              install_durable_journal)
@@ -46,9 +46,9 @@ log = logging.getLogger("ensync.raft")
 
 # pysyncobj chunks any command larger than its AppendEntries batch size, and that
 # path is buggy (reference/pysyncobj-rocksdict.md 6.2.3). The batch size is set
-# well above the largest command we build, so no command is ever chunked.
+# well above the largest command we build (``batch_bytes_max`` plus the batch
+# header), so no command is ever chunked.
 APPEND_ENTRIES_BYTES_MAX = 8 << 20
-COMMAND_BYTES_MAX = 2 << 20
 # Ops accepted by this node and not yet in a batch; beyond it writes fail fast.
 OPS_WAITING_MAX = 100_000
 
@@ -69,7 +69,7 @@ class RaftConfig:
     append_period_ms: int = 10
     tick_period_ms: int = 2
     batch_ops_max: int = 512
-    batch_bytes_max: int = 1 << 20
+    batch_bytes_max: int = 2 << 20
     batches_in_flight_max: int = 32
     write_timeout_ms: int = 10_000
     addresses: dict[str, str] = field(default_factory=dict)  # filled in post_init
@@ -252,7 +252,8 @@ class Proposer:
         self.loop = loop
         self._id_prefix = id_prefix
         self._seq = itertools.count(1)
-        self._ops: collections.deque[tuple[dict, asyncio.Future]] = collections.deque()
+        # (serialized op, future), waiting for a batch
+        self._ops: collections.deque[tuple[bytes, asyncio.Future]] = collections.deque()
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self._done: collections.deque = collections.deque()
@@ -281,8 +282,12 @@ class Proposer:
             raise Unavailable("node is shutting down")
         if len(self._ops) >= OPS_WAITING_MAX:
             raise Unavailable("too many writes waiting on this node")
+        encoded = orjson.dumps(op)
+        if len(encoded) > self.cfg.batch_bytes_max:
+            raise RequestRejected("operation is larger than one Raft entry may be",
+                                  "PAYLOAD_TOO_LARGE")
         fut = self.loop.create_future()
-        self._ops.append((op, fut))
+        self._ops.append((encoded, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -300,19 +305,19 @@ class Proposer:
         while self._ops and len(self._open) < self.cfg.batches_in_flight_max:
             ops = self._take_ops()
             batch_id = f"{self._id_prefix}{next(self._seq)}"
-            blob = orjson.dumps({"id": batch_id, "ops": [op for op, _ in ops]})
+            blob = (b'{"id":"' + batch_id.encode() + b'","ops":['
+                    + b",".join(op for op, _ in ops) + b"]}")
             batch = _Batch(batch_id, blob.decode(), [fut for _, fut in ops],
                            time.monotonic())
-            assert len(batch.blob) <= COMMAND_BYTES_MAX + 64 * 1024
             self._open[batch_id] = batch
             self.batches_total += 1
             self.ops_total += len(ops)
             self._submit(batch)
 
-    def _take_ops(self) -> list[tuple[dict, asyncio.Future]]:
+    def _take_ops(self) -> list[tuple[bytes, asyncio.Future]]:
         taken, size = [], 0
         while self._ops and len(taken) < self.cfg.batch_ops_max:
-            op_size = _size_hint(self._ops[0][0])
+            op_size = len(self._ops[0][0]) + 1
             if taken and size + op_size > self.cfg.batch_bytes_max:
                 break
             taken.append(self._ops.popleft())
@@ -367,10 +372,6 @@ class Proposer:
         return {"batches_total": self.batches_total, "ops_total": self.ops_total,
                 "batches_in_flight": len(self._open), "ops_waiting": len(self._ops),
                 "resubmits_total": self.resubmits_total}
-
-
-def _size_hint(op: dict) -> int:
-    return 128 + len(op.get("payload", "")) + len(op.get("metadata_raw", ""))
 
 
 def now_ms() -> int:

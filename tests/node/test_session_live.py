@@ -462,3 +462,56 @@ async def test_metadata_with_semicolons_reaches_the_pushed_record(node, connect)
         f"ACK;CLIENT_ID=:{receiver_id};EVENT_IDEM=:{idem};BLOCK=:{record['block']}"
     )
     assert acked == f"+PASS:ACKNOWLEDGED;IDEM={idem}"
+
+
+# -- regressions from the adversarial run ------------------------------------------
+
+
+async def test_two_pipelined_conns_share_one_session_or_refuse_another_key(
+    node, connect
+):
+    raw = await connect()
+    await raw.send(
+        f"CONN;ACCESS_KEY=:{node.alpha.access_key}",
+        f"CONN;ACCESS_KEY=:{node.alpha.access_key}",
+        f"CONN;ACCESS_KEY=:{node.beta.access_key}",
+    )
+    first, second, third = [await raw.reply() for _ in range(3)]
+
+    assert CONN_REPLY.match(first).group(1) == CONN_REPLY.match(second).group(1)
+    assert third.startswith("-FAIL:UNAUTHORIZED;")
+
+
+async def test_a_payload_that_is_not_base64_is_rejected_before_it_is_stored(
+    node, connect
+):
+    raw = await connect()
+    client_id = await raw.conn(node.alpha)
+
+    # Control characters would grow 6x when the record is serialized as JSON.
+    reply = await raw.request(pub(client_id, "big/x", node.alpha.app_id, "\x01" * 1000))
+
+    assert reply.startswith("-FAIL:INVALID_PARAMETER;MESSAGE=PAYLOAD must be base64")
+
+
+async def test_metadata_whose_serialized_record_exceeds_the_frame_limit_is_too_large(
+    node, connect
+):
+    raw = await connect()
+    client_id = await raw.conn(node.alpha)
+    metadata = json.dumps({"x": "\x01" * 200_000})  # 1.2 MB once escaped by orjson
+
+    reply = await raw.request(pub(client_id, "big/x", node.alpha.app_id, b64("{}"), metadata))
+
+    assert reply.startswith("-FAIL:PAYLOAD_TOO_LARGE;")
+    assert (await raw.request("SUB;CLIENT_ID=:" + client_id + ";EVENT_NAME=:a")).startswith(
+        "+PASS:SUBSCRIBED")
+
+
+async def test_an_event_name_over_the_limit_is_an_invalid_parameter(node, connect):
+    raw = await connect()
+    client_id = await raw.conn(node.alpha)
+
+    reply = await raw.request(pub(client_id, "n/" + "x" * 300, node.alpha.app_id, b64("{}")))
+
+    assert reply.startswith("-FAIL:INVALID_PARAMETER;MESSAGE=EVENT_NAME must be")
