@@ -42,6 +42,8 @@ SETTINGS = [
     ("batches_in_flight_max", int, 32, "Raft entries proposed and not yet applied"),
     ("stuck_follower_ms", int, 10_000, "force a snapshot for a follower stuck this long"),
     ("ping_interval_ms", int, 30_000, "text PING to every client this often"),
+    ("delivery_limit", int, 20, "deliveries of one event before it is dead-lettered"),
+    ("dedup_window_ms", int, 120_000, "how long a publish idempotency key is remembered"),
     ("log_file", str, "", "log to this file instead of stderr"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -108,7 +110,9 @@ def build_config(s: dict) -> NodeConfig:
                       admin_token=s["admin_token"], ack_timeout_ms=s["ack_timeout_ms"],
                       node_down_ms=s["node_down_ms"],
                       stuck_follower_ms=s["stuck_follower_ms"],
-                      ping_interval_ms=s["ping_interval_ms"])
+                      ping_interval_ms=s["ping_interval_ms"],
+                      delivery_limit=s["delivery_limit"],
+                      dedup_window_ms=s["dedup_window_ms"])
 
 
 class _NodeIdFilter(logging.Filter):

@@ -21,6 +21,8 @@ import itertools
 import logging
 import os
 import secrets
+
+import orjson
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -35,6 +37,9 @@ from raft.state import Close, Push
 log = logging.getLogger("ensync.node")
 
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+# Ops that can hand an in-flight event back, so may send it to the DLQ.
+RETURNING_OPS = frozenset({"session_close", "node_boot", "node_down", "unsub",
+                           "rollback", "requeue"})
 
 
 @dataclass
@@ -51,6 +56,8 @@ class NodeConfig:
     ping_interval_ms: int = 30_000
     ws_heartbeat_ms: int = 20_000
     stuck_follower_ms: int = 10_000
+    delivery_limit: int = 20
+    dedup_window_ms: int = 120_000
 
     @property
     def id(self) -> str:
@@ -119,12 +126,30 @@ class Node:
             found = lookup(*args)
         return found
 
+    def stored_event(self, idem: str) -> tuple[dict, dict] | None:
+        """(record, delivery state) of an event, from this node's RocksDB."""
+        parsed = schema.parse_idem(idem)
+        if parsed is None:
+            return None
+        with self.broker.lock:
+            body = self.broker.store.get(schema.event_key(*parsed))
+            state = self.broker.store.get(schema.delivery_key(*parsed))
+        if body is None or state is None:
+            return None
+        return orjson.loads(body), orjson.loads(state)
+
     def new_session_id(self) -> str:
         return f"{self.id}.{self.boot}.{next(self._session_seq)}"
 
+    def _stamp(self, op: dict) -> dict:
+        """Settings apply reads must travel in the op: replicas may differ in config."""
+        op.setdefault("ts", now_ms())
+        if op["op"] in RETURNING_OPS:
+            op["delivery_limit"] = self.cfg.delivery_limit
+        return op
+
     async def commit(self, op: dict) -> dict:
-        op["ts"] = now_ms()
-        result = await self.proposer.propose(op)
+        result = await self.proposer.propose(self._stamp(op))
         if result.get("error"):
             raise BrokerError(result["message"], result["error"])
         return result
@@ -150,7 +175,7 @@ class Node:
         conn = self.connections.get(push.sid)
         if conn is not None:
             self.counters["deliveries_total"] += 1
-            conn.push(push.pattern, body)
+            conn.push(push.pattern, body, push.attempt)
         elif push.sid.startswith(self.id + "."):
             # Ours, but the socket is gone and its close has not committed yet.
             asyncio.ensure_future(self._close_session(push.sid, "socket gone"))
@@ -301,7 +326,8 @@ class Node:
         return ops
 
     async def _propose_all(self, ops: list[dict]) -> None:
-        results = await asyncio.gather(*(self.proposer.propose(op) for op in ops),
+        results = await asyncio.gather(*(self.proposer.propose(self._stamp(op))
+                                         for op in ops),
                                        return_exceptions=True)
         self.counters["decisions_total"] += len(ops)
         self.counters["decisions_failed_total"] += sum(

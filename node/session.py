@@ -27,6 +27,7 @@ from aiohttp import WSMsgType, web
 from node import protocol
 from node.errors import BrokerError, ProtocolError, RequestRejected
 from raft import schema
+from raft.machine import now_ms
 
 log = logging.getLogger("ensync.session")
 
@@ -37,6 +38,13 @@ PUSH_HOLD_AFTER_SUB_MS = 200
 # Event names and subscription patterns: printable ASCII, no spaces or ';'.
 EVENT_NAME_BYTES_MAX = 256
 _EVENT_NAME = re.compile(r"[!-:<-~]{1,%d}\Z" % EVENT_NAME_BYTES_MAX)
+# DEFER (spec 3.8): DELAY defaults to 60 s; at most a day.
+DEFER_DELAY_MS_DEFAULT = 60_000
+DEFER_DELAY_MS_MAX = 86_400_000
+# METADATA fields the broker reads (docs/PROTOCOL.md).
+IDEMPOTENCY_KEY_FIELD = "idempotency_key"
+IDEMPOTENCY_KEY_BYTES_MAX = 128
+DELIVER_AT_FIELD = "deliver_at_ms"
 # PAYLOAD is base64 (spec 3.2); it needs no escaping inside a JSON record.
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
@@ -132,11 +140,7 @@ class Connection:
         if self.sid is None or req.get("CLIENT_ID") != self.sid:
             raise RequestRejected("unknown client id for this connection",
                                   "CLIENT_NOT_FOUND")
-        handler = getattr(self, "_" + req.verb.lower(), None)
-        if handler is None:
-            # TODO(#3): PAUSE, CONTINUE, DEFER, DISCARD, REPLAY and ROLLBACK; until
-            # then they get one clear failure each, so reply pairing holds.
-            raise RequestRejected(f"{req.verb} is not supported yet", "NOT_SUPPORTED")
+        handler = getattr(self, "_" + req.verb.lower())
         return await handler(req)
 
     async def _conn(self, req: protocol.Request) -> str:
@@ -192,7 +196,8 @@ class Connection:
 
         op = {"op": "publish", "from": self.app, "to": to, "name": name,
               "payload": payload, "metadata": metadata, "node": self.node.id,
-              "sid": self.sid}
+              "sid": self.sid, "dedup_window_ms": self.node.cfg.dedup_window_ms}
+        op.update(_publish_options(metadata))
         result = await self.node.commit(op)
         return protocol.passed("PUBLISHED", IDEM=result["idem"], TIMESTAMP=result["ts"])
 
@@ -218,17 +223,69 @@ class Connection:
         await self.node.commit({"op": "ack", "sid": self.sid, "idem": idem})
         return protocol.passed("ACKNOWLEDGED", IDEM=idem)
 
+    async def _defer(self, req: protocol.Request) -> str:
+        idem = req.get("EVENT_IDEM")
+        delay_ms = _int_param(req, "DELAY", DEFER_DELAY_MS_DEFAULT, 0, DEFER_DELAY_MS_MAX)
+        priority = _int_param(req, "PRIORITY", 1, 1, 5)
+        result = await self.node.commit({
+            "op": "defer", "sid": self.sid, "idem": idem, "delay_ms": delay_ms,
+            "priority": priority, "reason": (req.get("REASON") or "")[:256]})
+        return protocol.passed("DEFERRED", IDEM=idem, DELIVERY_TIME=result["due_ms"])
+
+    async def _discard(self, req: protocol.Request) -> str:
+        idem = req.get("EVENT_IDEM")
+        if req.get("REASON") is None:
+            raise ProtocolError("DISCARD needs a REASON key (it may be empty)",
+                                "MISSING_REASON")
+        await self.node.commit({"op": "discard", "sid": self.sid, "idem": idem,
+                                "reason": req.get("REASON")[:256]})
+        return protocol.passed("DISCARDED", IDEM=idem)
+
+    async def _rollback(self, req: protocol.Request) -> str:
+        idem = req.get("EVENT_IDEM")
+        await self.node.commit({"op": "rollback", "sid": self.sid, "idem": idem})
+        return protocol.passed("ROLLED_BACK", IDEM=idem)
+
+    async def _pause(self, req: protocol.Request) -> str:
+        pattern = _event_name(req)
+        await self.node.commit({"op": "pause", "sid": self.sid, "pattern": pattern,
+                                "paused": True})
+        return protocol.passed("PAUSED", EVENT_NAME=pattern)
+
+    async def _continue(self, req: protocol.Request) -> str:
+        pattern = _event_name(req)
+        await self.node.commit({"op": "pause", "sid": self.sid, "pattern": pattern,
+                                "paused": False})
+        return protocol.passed("CONTINUED", EVENT_NAME=pattern)
+
+    async def _replay(self, req: protocol.Request) -> str:
+        idem = req.get("EVENT_IDEM")
+        if not idem:
+            # TODO(#3): range replay by FROM_POSITION (docs only; no SDK sends it).
+            raise ProtocolError("REPLAY needs EVENT_IDEM", "MISSING_PARAMETERS")
+        found = await self.node.read_fresh(self.node.stored_event, idem)
+        record, delivery = found if found else (None, None)
+        if record is None or self.app not in (record["sender"], delivery["to"]):
+            raise RequestRejected("no such event", "NOT_FOUND")
+        internal = record["metadata"].setdefault("$internal", {})
+        internal["replay_info"] = {
+            "isReplayed": True, "replayTimestamp": now_ms(),
+            "wasAcknowledged": delivery["state"] == "acked"}
+        return protocol.record_frame(record, prefix="+REPLAY:")
+
     # -- pushes ------------------------------------------------------------------
 
-    def push(self, pattern: str, body: bytes) -> None:
+    def push(self, pattern: str, body: bytes, attempt: int) -> None:
         """Send one record; called on the loop thread once its assign is applied."""
         loop = asyncio.get_running_loop()
         hold_s = self.sub_ready_at.get(pattern, 0) - loop.time()
         if hold_s > 0:
-            loop.call_later(hold_s, self.push, pattern, body)
+            loop.call_later(hold_s, self.push, pattern, body, attempt)
             return
         self.pushes_total += 1
-        frame = protocol.record_frame(orjson.loads(body))
+        record = orjson.loads(body)
+        record["attempt"] = attempt
+        frame = protocol.record_frame(record)
         asyncio.ensure_future(self._send_push(frame))
 
     async def _send_push(self, frame: str) -> None:
@@ -238,6 +295,37 @@ class Connection:
             await self.ws.send_str(frame)
         except ConnectionError:
             pass  # the disconnect path hands the record on
+
+
+def _int_param(req: protocol.Request, key: str, default: int, low: int,
+               high: int) -> int:
+    raw = req.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ProtocolError(f"{key} must be an integer") from None
+    if not low <= value <= high:
+        raise ProtocolError(f"{key} must be between {low} and {high}")
+    return value
+
+
+def _publish_options(metadata: dict) -> dict:
+    """Broker options a publisher sets in METADATA (docs/PROTOCOL.md)."""
+    options = {}
+    key = metadata.get(IDEMPOTENCY_KEY_FIELD)
+    if key is not None:
+        if not isinstance(key, str) or not 0 < len(key) <= IDEMPOTENCY_KEY_BYTES_MAX:
+            raise ProtocolError(f"{IDEMPOTENCY_KEY_FIELD} must be a string of 1-"
+                                f"{IDEMPOTENCY_KEY_BYTES_MAX} characters")
+        options["dedup_key"] = key
+    at = metadata.get(DELIVER_AT_FIELD)
+    if at is not None:
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise ProtocolError(f"{DELIVER_AT_FIELD} must be ms since the epoch")
+        options["deliver_at_ms"] = at
+    return options
 
 
 def _event_name(req: protocol.Request) -> str:

@@ -29,11 +29,22 @@ is torn (short head, impossible length, data past the end of the file) or corrup
 A record that never finished its sync was never acknowledged, so dropping it is what
 Raft expects of a crash.
 
-The two rarer rewrites keep the same promise. Suffix truncation, which pysyncobj's
-follower does on many AppendEntries, cuts the in-memory buffer when it can and
-otherwise ftruncates and fdatasyncs at once, so a crash cannot bring the removed
-entries back after new ones were appended. Compaction writes the kept suffix to a
-temporary file, fsyncs it, renames it over the log and fsyncs the directory.
+Suffix truncation is lazy. pysyncobj 0.3.17's follower calls ``deleteEntriesFrom``
+for everything after ``prevLogIdx`` on every AppendEntries and then adds the
+received entries again, even when they are the ones it already had; Raft (section
+5.3) deletes only on a conflict. Cutting the file at once would leave a window in
+which a follower's disk lacks entries it has acknowledged, and a crash of it and
+the leader there can lose a committed entry; it also costs a flush. So the removed
+entries leave the list, as pysyncobj expects, but stay in the file and in a
+"shadow" list. An ``add()`` identical to the shadow's first entry takes it back
+without writing a byte. The first add that differs, a ``clear``, a compaction or
+another ``deleteEntriesFrom`` makes the cut real: the file is truncated where the
+first unmatched shadow entry starts. ``sync()`` does the same with whatever is left
+in the shadow, because a sync promises that the file holds exactly the list. The
+truncation and the appends after it share that sync's one flush; until then
+nothing that reflects them has been sent, and the scan on open rejects old records
+left behind new ones. Compaction writes the kept suffix to a temporary file, fsyncs
+it, renames it over the log and fsyncs the directory.
 
 Term and vote live in ``<path>.meta`` (JSON), replaced atomically and fsynced before
 ``setCurrentTerm`` returns, because a vote that is forgotten after a crash lets a
@@ -51,6 +62,10 @@ Rejected options:
 * Keeping the log in RocksDB next to the state machine: suffix truncation and
   compaction become range deletes in a second write-ahead log, and the group-commit
   point would still have to be the message send.
+* Truncating and flushing inside ``deleteEntriesFrom`` (this journal's first
+  version): the window above, and two flushes where one or none would do.
+* Teaching pysyncobj to skip matching entries: it means patching name-mangled
+  methods of the library, which ``raft.durability`` avoids on purpose.
 
 Setting ``ENSYNC_UNSAFE_SKIP_FSYNC=1`` makes the log's flushes skip ``fdatasync``
 (the bytes are still written). It exists only so the chaos tests can show that their
@@ -59,12 +74,14 @@ checker catches a broker that loses acknowledged writes.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import os
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import orjson
@@ -119,6 +136,7 @@ class JournalStatistics:
     fsync_seconds_total: float
     last_sync_entries: int  # entries made durable by the most recent sync()
     last_index: int  # Raft index of the last entry, 0 when empty
+    truncations_avoided_total: int  # suffix cuts whose entries all came back unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +254,9 @@ class DurableJournal(Journal):
 
         self._entries: list[Entry] = []
         self._offsets: list[int] = []
+        # Entries removed by the last deleteEntriesFrom whose records are still in
+        # the file, right after the list's, each with its offset. See the essay.
+        self._shadow: deque[tuple[Entry, int]] = deque()
         self._pending = bytearray()
         self._written_bytes = 0  # size of the file; pending bytes start here
         self._needs_fdatasync = False  # written bytes not yet flushed
@@ -246,6 +267,9 @@ class DurableJournal(Journal):
         self._fsync_total = 0
         self._fsync_seconds_total = 0.0
         self._last_sync_entries = 0
+        self._truncations_avoided_total = 0
+        self._dbg_file_truncations = 0
+        self._dbg_real_cuts = 0
 
         self._current_term = 0
         self._voted_for_node_id: str | None = None
@@ -270,6 +294,13 @@ class DurableJournal(Journal):
         assert not self._entries or idx == self._entries[-1][1] + 1
         assert not self._entries or term >= self._entries[-1][2]
 
+        # pysyncobj re-adds what it just deleted; those bytes are still in the file.
+        if self._shadow:
+            if self._shadow[0][0] == (command, idx, term):
+                self._take_back_shadow_head()
+                return
+            self._cut_shadow()
+
         self._offsets.append(self._written_bytes + len(self._pending))
         self._pending += encode_record(command, idx, term)
         self._entries.append((command, idx, term))
@@ -289,21 +320,21 @@ class DurableJournal(Journal):
             return
 
         cut_offset = self._offsets[entryFrom]
+        if cut_offset < self._written_bytes:
+            # An older shadow would no longer sit right after the list in the file.
+            self._cut_shadow()
+            self._shadow_file_entries(entryFrom)
+            self._dbg_file_truncations += 1
+
+        # Entries that never left memory are simply forgotten.
+        del self._pending[max(0, cut_offset - self._written_bytes) :]
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
         self._last_index = self._entries[-1][1] if self._entries else 0
         self._unsynced_entries = min(self._unsynced_entries, len(self._entries))
-
-        # Entries that never left memory are simply forgotten.
-        if cut_offset >= self._written_bytes:
-            del self._pending[cut_offset - self._written_bytes :]
-            return
-        self._unsynced_entries = 0
-
-        # The cut reaches into the file. Make it durable now, so that appends which
-        # follow cannot end up on disk next to the records they replaced.
-        self._pending.clear()
-        self._truncate_file(cut_offset)
+        if os.environ.get("DBG_EAGER_TRUNCATION") == "1" and self._shadow:
+            self._cut_shadow()
+            self._fdatasync_log()
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries before position ``entryTo`` (compaction after a snapshot)."""
@@ -311,9 +342,11 @@ class DurableJournal(Journal):
         if entryTo == 0:
             return
 
+        # The new file holds only the list, so it also makes any shadow cut real.
         kept = self._entries[entryTo:]
         image, offsets = self._encode_file(kept)
         self._replace_log(image)
+        self._shadow.clear()
 
         self._entries = kept
         self._offsets = offsets
@@ -367,6 +400,9 @@ class DurableJournal(Journal):
 
     def onOneSecondTimer(self) -> None:
         self._save_commit_index()
+        logger.warning("DBGSTATS %s file_truncations=%d real_cuts=%d avoided=%d fsync=%d",
+                       self._path, self._dbg_file_truncations, self._dbg_real_cuts,
+                       self._truncations_avoided_total, self._fsync_total)
 
     # -- group commit ------------------------------------------------------------------
 
@@ -374,9 +410,15 @@ class DurableJournal(Journal):
     def dirty(self) -> bool:
         """True when some entry is not known to be on stable storage.
 
-        A failed journal stays dirty for good: it can promise nothing.
+        A shadow not yet cut also counts: the file holds more than the list. A
+        failed journal stays dirty for good: it can promise nothing.
         """
-        return bool(self._pending) or self._needs_fdatasync or self.failed
+        return (
+            bool(self._pending)
+            or self._needs_fdatasync
+            or bool(self._shadow)
+            or self.failed
+        )
 
     @property
     def failed(self) -> bool:
@@ -390,6 +432,9 @@ class DurableJournal(Journal):
         if not self.dirty:
             return False
 
+        # The cut comes first so new records land where the list ends; one flush
+        # then covers both.
+        self._cut_shadow()
         self._write_pending()
         self._fdatasync_log()
 
@@ -405,6 +450,7 @@ class DurableJournal(Journal):
             fsync_seconds_total=self._fsync_seconds_total,
             last_sync_entries=self._last_sync_entries,
             last_index=self._last_index,
+            truncations_avoided_total=self._truncations_avoided_total,
         )
 
     @property
@@ -501,6 +547,47 @@ class DurableJournal(Journal):
             self._fail(f"fdatasync failed: {exc}", exc)
         self._needs_fdatasync = False
 
+    # -- lazy suffix truncation -------------------------------------------------------
+
+    def _shadow_file_entries(self, entryFrom: int) -> None:
+        """Keep the entries from ``entryFrom`` whose records are in the file."""
+        assert not self._shadow
+        if self._failure is not None:
+            raise self._failure
+
+        # Records past the file's end are pending bytes, dropped by the caller.
+        file_end = bisect.bisect_left(self._offsets, self._written_bytes, entryFrom)
+        self._shadow.extend(
+            zip(self._entries[entryFrom:file_end], self._offsets[entryFrom:file_end])
+        )
+
+    def _take_back_shadow_head(self) -> None:
+        assert not self._pending
+        entry, offset = self._shadow.popleft()
+        assert offset == self._list_end_offset()
+
+        self._entries.append(entry)
+        self._offsets.append(offset)
+        self._last_index = entry[1]
+        if not self._shadow:
+            self._truncations_avoided_total += 1
+
+    def _cut_shadow(self) -> None:
+        """Truncate the file where the list ends; the next sync makes it durable."""
+        if not self._shadow:
+            return
+        assert not self._pending
+
+        cut_offset = self._shadow[0][1]
+        self._dbg_real_cuts += 1
+        self._truncate_file(cut_offset)
+        self._shadow.clear()
+
+    def _list_end_offset(self) -> int:
+        if not self._entries:
+            return _HEADER_BYTES
+        return self._offsets[-1] + _RECORD_HEAD.size + len(self._entries[-1][0])
+
     def _truncate_file(self, cut_offset: int) -> None:
         assert _HEADER_BYTES <= cut_offset <= self._written_bytes
         if self._failure is not None:
@@ -512,7 +599,6 @@ class DurableJournal(Journal):
             self._fail(f"truncate failed: {exc}", exc)
         self._written_bytes = cut_offset
         self._needs_fdatasync = True
-        self._fdatasync_log()
 
     def _encode_file(self, entries: list[Entry]) -> tuple[bytearray, list[int]]:
         image = bytearray(FILE_MAGIC)

@@ -134,7 +134,7 @@ class ReplicatedBroker(SyncObj):
 
         batch = orjson.loads(blob)
         with self.lock:
-            applied = self.state.apply_batch(batch["id"], batch["ops"])
+            applied = self.state.apply_batch(batch["id"], batch["ops"], index)
             self.store.write(applied.writes, index)
             effects = [self._resolve(e) for e in applied.effects]
         if effects:

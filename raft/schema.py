@@ -13,6 +13,8 @@ issue can move a range of partitions to another Raft group by prefix.
     s/<session id>            session: app, node, boot, opened_ms
     b/<session id>/<pattern>  subscription of a session
     r/<batch id>              results of a recently applied batch (retry dedup)
+    u/<app id>/<key>          idem of a recent publish with that idempotency key
+    h/<p:04x>/<off:012x>/<n:04x>  audit trail of one event, row n
     e/<p:04x>/<off:012x>      event record as published (payload, metadata, ...)
     d/<p:04x>/<off:012x>      delivery state of that event (state, session, attempts)
 """
@@ -64,6 +66,18 @@ def sub_key(sid: str, pattern: str) -> bytes:
 
 def batch_key(batch_id: str) -> bytes:
     return b"r/" + batch_id.encode()
+
+
+def publish_key(app_id: str, dedup_key: str) -> bytes:
+    return b"u/" + app_id.encode() + b"/" + dedup_key.encode()
+
+
+def history_key(p: int, off: int, n: int) -> bytes:
+    return b"h/%04x/%012x/%04x" % (p, off, n)
+
+
+def history_prefix(p: int, off: int) -> bytes:
+    return b"h/%04x/%012x/" % (p, off)
 
 
 def event_key(p: int, off: int) -> bytes:

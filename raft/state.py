@@ -42,9 +42,18 @@ from raft import schema
 # table by log time, so every replica drops the same ones.
 BATCH_DEDUP_WINDOW_MS = 60_000
 
-PENDING = "pending"
-INFLIGHT = "inflight"
-ACKED = "acked"
+# Defaults used when an op does not carry its own (older proposers).
+DELIVERY_LIMIT_DEFAULT = 20
+PUBLISH_DEDUP_WINDOW_MS_DEFAULT = 120_000
+
+# The states of one event (docs/ARCHITECTURE.md, "Delivery state machine").
+PENDING = "pending"      # queued, waiting for a free slot
+INFLIGHT = "inflight"    # pushed to one session, waiting for its answer
+DEFERRED = "deferred"    # out of the queue until due_ms (DEFER, scheduled publish)
+ACKED = "acked"          # done; kept in RocksDB for audit and REPLAY
+DISCARDED = "discarded"  # never delivered again; kept for audit and REPLAY
+DEAD = "dead"            # over the delivery limit: in the dead-letter queue
+FINISHED = (ACKED, DISCARDED)
 
 
 @dataclass
@@ -58,6 +67,13 @@ class Event:
     pattern: str | None = None
     attempts: int = 0
     deadline_ms: int = 0
+    priority: int = 1
+    due_ms: int = 0
+    hist: int = 0  # audit rows written so far
+
+    def rank(self) -> tuple[int, int]:
+        """Queue order: higher priority first, then commit order."""
+        return (-self.priority, self.off)
 
 
 @dataclass
@@ -104,6 +120,10 @@ def _fail(code: str, message: str) -> dict:
     return {"error": code, "message": message}
 
 
+def _limit(op: dict) -> int:
+    return op.get("delivery_limit", DELIVERY_LIMIT_DEFAULT)
+
+
 class BrokerState:
     def __init__(self) -> None:
         self.apps: dict[str, dict] = {}
@@ -114,6 +134,13 @@ class BrokerState:
         self.events: dict[tuple[int, int], Event] = {}
         self.queues: dict[str, dict[str, list[int]]] = {}  # app -> name -> heap
         self.inflight: dict[tuple[str, str], tuple[int, int]] = {}
+        self.deferred: list[tuple[int, int, int]] = []  # heap of (due_ms, p, off)
+        self.dead: dict[tuple[int, int], Event] = {}
+        # (sender app, idempotency key) -> (log time, idem), oldest first
+        self.publish_keys: collections.OrderedDict[tuple[str, str], tuple[int, str]] = (
+            collections.OrderedDict())
+        self.index = 0  # Raft index of the entry being applied, for the audit
+        self._close_limit = DELIVERY_LIMIT_DEFAULT  # of the op being applied
         self.next_off: dict[int, int] = {}
         self.fence_term = 0
         self.clock_ms = 0
@@ -143,6 +170,10 @@ class BrokerState:
                 subs.append((key[2:].decode(), orjson.loads(value)["paused"]))
             elif prefix == b"d/":
                 self._load_delivery(key, orjson.loads(value))
+            elif prefix == b"u/":
+                app, _, key_text = key[2:].decode().partition("/")
+                rec = orjson.loads(value)
+                batches.append((rec["ts"], "u", (app, key_text, rec["idem"])))
             elif prefix == b"r/":
                 rec = orjson.loads(value)
                 batches.append((rec["ts"], key[2:].decode(), rec["results"]))
@@ -152,8 +183,11 @@ class BrokerState:
                 self.fence_term = int(value)
             elif key == schema.CLOCK:
                 self.clock_ms = int(value)
-        for ts, batch_id, results in sorted(batches):
-            self.batches[batch_id] = (ts, results)
+        for ts, kind, item in sorted(batches, key=lambda b: b[0]):
+            if kind == "u":
+                self.publish_keys[(item[0], item[1])] = (ts, item[2])
+            else:
+                self.batches[kind] = (ts, item)
         for sid_pattern, paused in subs:
             sid, _, pattern = sid_pattern.partition("/")
             self.sessions[sid].subs[pattern] = paused
@@ -164,21 +198,28 @@ class BrokerState:
         self.app_names[rec["name"]] = app_id
 
     def _load_delivery(self, key: bytes, d: dict) -> None:
-        if d["state"] == ACKED:
+        if d["state"] in FINISHED:
             return
         p, off = int(key[2:6], 16), int(key[7:], 16)
         ev = Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
-                   d.get("pattern"), d["attempts"], d.get("deadline_ms", 0))
+                   d.get("pattern"), d["attempts"], d.get("deadline_ms", 0),
+                   d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0))
+        if ev.state == DEAD:
+            self.dead[(p, off)] = ev
+            return
         self.events[(p, off)] = ev
         if ev.state == INFLIGHT:
             self.inflight[(ev.sid, ev.pattern)] = (p, off)
+        elif ev.state == DEFERRED:
+            heapq.heappush(self.deferred, (ev.due_ms, p, off))
         else:
             self._enqueue(ev)
 
     # -- apply ------------------------------------------------------------------
 
-    def apply_batch(self, batch_id: str, ops: list[dict]) -> Applied:
+    def apply_batch(self, batch_id: str, ops: list[dict], index: int = 0) -> Applied:
         """Apply a proposer's batch once, however many times it was submitted."""
+        self.index = index
         seen = self.batches.get(batch_id)
         if seen is not None:
             return Applied({}, seen[1], [])
@@ -248,6 +289,7 @@ class BrokerState:
         self.app_sessions.setdefault(rec["app"], []).append(sid)
 
     def _op_session_close(self, op: dict, out: Applied) -> dict:
+        self._close_limit = _limit(op)
         if op["sid"] not in self.sessions:
             return {"ok": True}
         self._close_session(op["sid"], op.get("reason", "closed"), out)
@@ -263,6 +305,7 @@ class BrokerState:
         out.effects.append(Close(sid, reason))
 
     def _op_node_boot(self, op: dict, out: Applied) -> dict:
+        self._close_limit = _limit(op)
         stale = [sid for sid, s in self.sessions.items()
                  if s.node == op["node"] and s.boot != op["boot"]]
         for sid in stale:
@@ -270,6 +313,7 @@ class BrokerState:
         return {"ok": True, "closed": len(stale)}
 
     def _op_node_down(self, op: dict, out: Applied) -> dict:
+        self._close_limit = _limit(op)
         if not self._fence(op, out):
             return _fail("STALE_TERM", "decision from an older term")
         gone = [sid for sid, s in self.sessions.items() if s.node == op["node"]]
@@ -289,6 +333,7 @@ class BrokerState:
         return {"ok": True}
 
     def _op_unsub(self, op: dict, out: Applied) -> dict:
+        self._close_limit = _limit(op)
         session = self.sessions.get(op["sid"])
         if session is None:
             return _fail("CLIENT_NOT_FOUND", "session is closed")
@@ -302,11 +347,18 @@ class BrokerState:
         out.writes[schema.sub_key(sid, pattern)] = None
         held = self.inflight.get((sid, pattern))
         if held is not None:
-            self._return_to_queue(self.events[held], out)
+            ev = self.events[held]
+            self._audit(ev, "returned", out, sid=sid, why="unsubscribed or closed")
+            self._return_to_queue(ev, out, self._close_limit)
 
     def _op_publish(self, op: dict, out: Applied) -> dict:
         if op["to"] not in self.apps:
             return _fail("INVALID_RECIPIENT", "no app with that id")
+        dedup_key = (op["from"], op["dedup_key"]) if op.get("dedup_key") else None
+        self._expire_publish_keys(op, out)
+        if dedup_key in self.publish_keys:
+            ts, idem = self.publish_keys[dedup_key]
+            return {"ok": True, "idem": idem, "ts": ts, "duplicate": True}
 
         p = schema.partition_of(op["to"])
         off = self.next_off.get(p, 1)
@@ -318,11 +370,31 @@ class BrokerState:
 
         ev = Event(p, off, op["to"], op["name"])
         self.events[(p, off)] = ev
-        self._enqueue(ev)
+        self._audit(ev, "published", out, by=op["from"], node=op.get("node"),
+                    sid=op.get("sid"))
+        self._audit(ev, "committed", out, index=self.index)
+        due_ms = op.get("deliver_at_ms") or 0
+        if due_ms > self.clock_ms:
+            self._defer(ev, due_ms, 1, "scheduled", out)
+        else:
+            self._enqueue(ev)
         out.writes[schema.offset_key(p)] = b"%d" % (off + 1)
         out.writes[schema.event_key(p, off)] = orjson.dumps(record)
         self._write_delivery(ev, out)
+        if dedup_key is not None:
+            self.publish_keys[dedup_key] = (self.clock_ms, idem)
+            out.writes[schema.publish_key(*dedup_key)] = orjson.dumps(
+                {"ts": self.clock_ms, "idem": idem})
         return {"ok": True, "idem": idem, "ts": self.clock_ms}
+
+    def _expire_publish_keys(self, op: dict, out: Applied) -> None:
+        window_ms = op.get("dedup_window_ms", PUBLISH_DEDUP_WINDOW_MS_DEFAULT)
+        while self.publish_keys:
+            key, (ts, _) = next(iter(self.publish_keys.items()))
+            if ts >= self.clock_ms - window_ms:
+                break
+            del self.publish_keys[key]
+            out.writes[schema.publish_key(*key)] = None
 
     def _op_assign(self, op: dict, out: Applied) -> dict:
         key = (op["p"], op["off"])
@@ -349,6 +421,8 @@ class BrokerState:
         ev.attempts += 1
         ev.deadline_ms = op["deadline_ms"]
         self.inflight[(ev.sid, ev.pattern)] = key
+        self._audit(ev, "delivered", out, sid=ev.sid, node=session.node,
+                    attempt=ev.attempts)
         self._write_delivery(ev, out)
         out.effects.append(Push(ev.sid, ev.pattern, ev.p, ev.off, ev.attempts))
         return {"ok": True}
@@ -357,12 +431,74 @@ class BrokerState:
         ev, error = self._held_event(op)
         if error:
             return error
-        del self.inflight[(ev.sid, ev.pattern)]
-        del self.events[(ev.p, ev.off)]
-        ev.state = ACKED
-        self._write_delivery(ev, out)
-        self.dirty_apps.add(ev.app)
+        self._finish(ev, ACKED, out, sid=op["sid"])
         return {"ok": True, "idem": op["idem"]}
+
+    def _op_defer(self, op: dict, out: Applied) -> dict:
+        ev, error = self._held_event(op)
+        if error:
+            return error
+        self._release_slot(ev)
+        due_ms = self.clock_ms + op["delay_ms"]
+        self._defer(ev, due_ms, op.get("priority", 1), op.get("reason", ""), out)
+        self._write_delivery(ev, out)
+        return {"ok": True, "idem": op["idem"], "due_ms": due_ms}
+
+    def _op_discard(self, op: dict, out: Applied) -> dict:
+        ev, error = self._held_event(op)
+        if error:
+            return error
+        self._finish(ev, DISCARDED, out, sid=op["sid"], reason=op.get("reason", ""))
+        return {"ok": True, "idem": op["idem"]}
+
+    def _op_rollback(self, op: dict, out: Applied) -> dict:
+        ev, error = self._held_event(op)
+        if error:
+            return error
+        self._audit(ev, "rolled back", out, sid=op["sid"])
+        self._return_to_queue(ev, out, _limit(op))
+        return {"ok": True, "idem": op["idem"]}
+
+    def _op_pause(self, op: dict, out: Applied) -> dict:
+        session = self.sessions.get(op["sid"])
+        if session is None:
+            return _fail("CLIENT_NOT_FOUND", "session is closed")
+        paused = session.subs.get(op["pattern"])
+        if paused is None:
+            return _fail("NOT_SUBSCRIBED", "no such subscription")
+        if paused == op["paused"]:
+            if paused:
+                return _fail("ALREADY_PAUSED", "subscription is paused")
+            return _fail("NOT_PAUSED", "subscription is not paused")
+        session.subs[op["pattern"]] = op["paused"]
+        out.writes[schema.sub_key(op["sid"], op["pattern"])] = orjson.dumps(
+            {"paused": op["paused"]})
+        self.dirty_apps.add(session.app)
+        return {"ok": True}
+
+    def _op_release(self, op: dict, out: Applied) -> dict:
+        """Leader: a deferred event is due; it rejoins its queue by priority."""
+        self.planned.pop((op["p"], op["off"]), None)
+        ev = self.events.get((op["p"], op["off"]))
+        if ev is None or ev.state != DEFERRED or ev.due_ms > self.clock_ms:
+            return _fail("STALE", "event is not due")
+        ev.state, ev.due_ms = PENDING, 0
+        self._audit(ev, "released", out)
+        self._enqueue(ev)
+        self._write_delivery(ev, out)
+        return {"ok": True}
+
+    def _op_dlq_requeue(self, op: dict, out: Applied) -> dict:
+        ev = self.dead.pop((op["p"], op["off"]), None)
+        if ev is None:
+            return _fail("NOT_FOUND", "no such dead letter")
+        ev.state, ev.attempts = PENDING, 0
+        self.events[(ev.p, ev.off)] = ev
+        self._audit(ev, "requeued from the dead-letter queue", out,
+                    by=op.get("by", "admin"))
+        self._enqueue(ev)
+        self._write_delivery(ev, out)
+        return {"ok": True, "idem": schema.idem_of(ev.p, ev.off)}
 
     def _held_event(self, op: dict) -> tuple[Event | None, dict | None]:
         """The in-flight event an ACK-like op names, if this session holds it."""
@@ -383,7 +519,8 @@ class BrokerState:
         ev = self.events.get((op["p"], op["off"]))
         if ev is None or ev.state != INFLIGHT or ev.attempts != op["attempt"]:
             return _fail("STALE", "event is not in that delivery any more")
-        self._return_to_queue(ev, out)
+        self._audit(ev, "timed out", out, sid=ev.sid, attempt=ev.attempts)
+        self._return_to_queue(ev, out, _limit(op))
         return {"ok": True}
 
     # -- helpers ----------------------------------------------------------------
@@ -397,22 +534,59 @@ class BrokerState:
             out.writes[schema.FENCE] = b"%d" % term
         return True
 
-    def _return_to_queue(self, ev: Event, out: Applied) -> None:
+    def _release_slot(self, ev: Event) -> None:
         del self.inflight[(ev.sid, ev.pattern)]
-        ev.state, ev.sid, ev.pattern, ev.deadline_ms = PENDING, None, None, 0
-        self._enqueue(ev)
+        ev.sid, ev.pattern, ev.deadline_ms = None, None, 0
+        self.dirty_apps.add(ev.app)
+
+    def _return_to_queue(self, ev: Event, out: Applied,
+                         limit: int = DELIVERY_LIMIT_DEFAULT) -> None:
+        """Back to the queue, or to the dead-letter queue once over the limit.
+
+        One step either way: an event is never both gone and missing from the DLQ.
+        """
+        self._release_slot(ev)
+        if ev.attempts >= limit:
+            del self.events[(ev.p, ev.off)]
+            ev.state = DEAD
+            self.dead[(ev.p, ev.off)] = ev
+            self._audit(ev, "dead-lettered", out, attempts=ev.attempts, limit=limit)
+        else:
+            ev.state = PENDING
+            self._enqueue(ev)
         self._write_delivery(ev, out)
+
+    def _finish(self, ev: Event, state: str, out: Applied, **fields) -> None:
+        self._release_slot(ev)
+        del self.events[(ev.p, ev.off)]
+        ev.state = state
+        self._audit(ev, state, out, **fields)
+        self._write_delivery(ev, out)
+
+    def _defer(self, ev: Event, due_ms: int, priority: int, reason: str,
+               out: Applied) -> None:
+        ev.state, ev.due_ms, ev.priority = DEFERRED, due_ms, priority
+        heapq.heappush(self.deferred, (due_ms, ev.p, ev.off))
+        self._audit(ev, "deferred", out, until_ms=due_ms, priority=priority,
+                    reason=reason)
 
     def _enqueue(self, ev: Event) -> None:
         heap = self.queues.setdefault(ev.app, {}).setdefault(ev.name, [])
-        heapq.heappush(heap, ev.off)
+        heapq.heappush(heap, ev.rank())
         self.dirty_apps.add(ev.app)
+
+    def _audit(self, ev: Event, what: str, out: Applied, **fields) -> None:
+        row = {"what": what, "at": self.clock_ms, **fields}
+        out.writes[schema.history_key(ev.p, ev.off, ev.hist)] = orjson.dumps(row)
+        ev.hist += 1
 
     def _write_delivery(self, ev: Event, out: Applied) -> None:
         d = {"to": ev.app, "name": ev.name, "state": ev.state,
-             "attempts": ev.attempts}
+             "attempts": ev.attempts, "priority": ev.priority, "hist": ev.hist}
         if ev.state == INFLIGHT:
             d.update(sid=ev.sid, pattern=ev.pattern, deadline_ms=ev.deadline_ms)
+        elif ev.state == DEFERRED:
+            d["due_ms"] = ev.due_ms
         out.writes[schema.delivery_key(ev.p, ev.off)] = orjson.dumps(d)
 
     # -- planning (leader only) ---------------------------------------------------
@@ -423,6 +597,7 @@ class BrokerState:
         assert ops_max > 0
 
         ops = self._plan_timeouts(now_ms, term, ops_max)
+        ops += self._plan_releases(now_ms, ops_max - len(ops))
         for app in list(self.dirty_apps):
             if len(ops) >= ops_max:
                 break
@@ -442,6 +617,20 @@ class BrokerState:
                 ops.append({"op": "requeue", "p": ev.p, "off": ev.off,
                             "attempt": ev.attempts, "term": term, "ts": now_ms,
                             "reason": "ack timeout"})
+        return ops
+
+    def _plan_releases(self, now_ms: int, ops_max: int) -> list[dict]:
+        ops = []
+        while self.deferred and len(ops) < ops_max:
+            due_ms, p, off = self.deferred[0]
+            ev = self.events.get((p, off))
+            if ev is None or ev.state != DEFERRED or ev.due_ms != due_ms:
+                heapq.heappop(self.deferred)  # stale: already released or moved
+                continue
+            if due_ms > now_ms or (p, off) in self.planned:
+                break
+            ops.append({"op": "release", "p": p, "off": off, "ts": now_ms})
+            self.planned[(p, off)] = now_ms
         return ops
 
     def _plan_app(self, app: str, now_ms: int, term: int, ack_timeout_ms: int,
@@ -480,7 +669,7 @@ class BrokerState:
             if not schema.matches(pattern, name):
                 continue
             ev = self._queue_head(p, heap)
-            if ev is not None and (best is None or ev.off < best.off):
+            if ev is not None and (best is None or ev.rank() < best.rank()):
                 best = ev
         return best
 
@@ -491,17 +680,18 @@ class BrokerState:
         skipped = []
         head = None
         while heap:
-            ev = self.events.get((p, heap[0]))
-            if ev is None or ev.state != PENDING:
-                heapq.heappop(heap)
+            rank = heap[0]
+            ev = self.events.get((p, rank[1]))
+            if ev is None or ev.state != PENDING or ev.rank() != rank:
+                heapq.heappop(heap)  # stale entry: moved on, or re-ranked
                 continue
             if (p, ev.off) in self.planned:
                 skipped.append(heapq.heappop(heap))
                 continue
             head = ev
             break
-        for off in skipped:
-            heapq.heappush(heap, off)
+        for rank in skipped:
+            heapq.heappush(heap, rank)
         return head
 
     def forget_plans(self) -> None:
@@ -541,4 +731,10 @@ _HANDLERS = {
     "assign": BrokerState._op_assign,
     "ack": BrokerState._op_ack,
     "requeue": BrokerState._op_requeue,
+    "defer": BrokerState._op_defer,
+    "discard": BrokerState._op_discard,
+    "rollback": BrokerState._op_rollback,
+    "pause": BrokerState._op_pause,
+    "release": BrokerState._op_release,
+    "dlq_requeue": BrokerState._op_dlq_requeue,
 }

@@ -127,17 +127,22 @@ def test_suffix_truncation_survives_reopen(tmp_path):
     ]
 
 
-def test_truncation_reaching_the_file_is_flushed_at_once(tmp_path):
+def test_truncation_with_nothing_re_added_is_cut_by_the_next_sync(tmp_path):
     journal = DurableJournal(tmp_path / "journal")
     _fill(journal, 1, 6)
     journal.sync()
     before = journal.statistics().fsync_total
 
     journal.deleteEntriesFrom(2)
+    assert _indexes(journal) == [1, 2]
+    assert journal.dirty  # the file still holds more than the list
+    untouched = DurableJournal(_crash_copy(journal, tmp_path / "before-sync"))
+    assert _indexes(untouched) == [1, 2, 3, 4, 5, 6]
 
+    assert journal.sync() is True
     assert not journal.dirty
     assert journal.statistics().fsync_total == before + 1
-    recovered = DurableJournal(_crash_copy(journal, tmp_path / "crash"))
+    recovered = DurableJournal(_crash_copy(journal, tmp_path / "after-sync"))
     assert _indexes(recovered) == [1, 2]
 
 
@@ -170,6 +175,260 @@ def test_clear_then_add_survives_reopen(tmp_path):
     journal._destroy()
 
     assert _indexes(DurableJournal(path)) == [40, 41]
+
+
+# -- lazy suffix truncation (pysyncobj re-adds what it just deleted) ----------------
+
+
+def _record_offset(idx: int) -> int:
+    """Where ``_fill``'s record for ``idx`` starts, all earlier entries in term 1."""
+    sizes = (len(encode_record(b"cmd-%d" % i, i, 1)) for i in range(1, idx))
+    return len(FILE_MAGIC) + sum(sizes)
+
+
+def _forbid_file_changes(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("the journal touched its file")
+
+    for name in ("pwrite", "ftruncate", "fdatasync", "fsync"):
+        monkeypatch.setattr(os, name, refuse)
+
+
+def test_identical_re_append_after_truncation_writes_and_flushes_nothing(
+    tmp_path, monkeypatch
+):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 6)
+    journal.sync()
+    before = journal.statistics()
+    file_before = Path(path).read_bytes()
+
+    _forbid_file_changes(monkeypatch)
+    journal.deleteEntriesFrom(2)
+    _fill(journal, 3, 4)
+    assert not journal.dirty
+    assert journal.sync() is False
+    monkeypatch.undo()
+
+    after = journal.statistics()
+    assert after.fsync_total == before.fsync_total
+    assert after.truncations_avoided_total == before.truncations_avoided_total + 1
+    assert after.last_index == 6
+    assert Path(path).read_bytes() == file_before
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_appends_after_an_identical_re_append_follow_the_old_records(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 4)
+    journal.sync()
+    before = journal.statistics().fsync_total
+
+    journal.deleteEntriesFrom(1)
+    _fill(journal, 2, 5)  # 2..4 come back, 5 and 6 are new
+    assert journal.dirty
+    journal.sync()
+
+    assert journal.statistics().fsync_total == before + 1
+    assert journal.statistics().truncations_avoided_total == 1
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_different_entry_after_truncation_cuts_the_file_there(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 6)
+    journal.sync()
+    journal.setCurrentTerm(2, None)
+    before = journal.statistics().fsync_total
+
+    journal.deleteEntriesFrom(3)
+    journal.add(b"new-4", 4, 2)
+    assert os.path.getsize(path) == _record_offset(4)
+    journal.sync()
+
+    after = journal.statistics()
+    assert after.fsync_total == before + 1  # one flush for the cut and the append
+    assert after.truncations_avoided_total == 0
+    journal._destroy()
+    reopened = DurableJournal(path)
+    assert _indexes(reopened) == [1, 2, 3, 4]
+    assert reopened[2:] == [(b"cmd-3", 3, 1), (b"new-4", 4, 2)]
+
+
+def test_partial_match_keeps_identical_records_and_cuts_at_the_first_difference(
+    tmp_path,
+):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 6)
+    journal.sync()
+    kept_prefix = Path(path).read_bytes()[: _record_offset(4)]
+
+    journal.deleteEntriesFrom(1)
+    _fill(journal, 2, 2)  # idx 2 and 3, as before
+    journal.setCurrentTerm(2, None)
+    journal.add(b"new-4", 4, 2)
+    journal.add(b"new-5", 5, 2)
+    journal.sync()
+
+    assert journal.statistics().truncations_avoided_total == 0
+    assert Path(path).read_bytes().startswith(kept_prefix)
+    journal._destroy()
+    reopened = DurableJournal(path)
+    assert reopened[1:] == [(b"cmd-2", 2, 1), (b"cmd-3", 3, 1)] + [
+        (b"new-4", 4, 2),
+        (b"new-5", 5, 2),
+    ]
+
+
+def test_truncation_that_reaches_past_the_file_drops_the_unwritten_entries(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 4)
+    journal.sync()
+    _fill(journal, 5, 2)  # still pending
+    file_bytes = journal.statistics().file_bytes
+
+    journal.deleteEntriesFrom(2)
+    _fill(journal, 3, 2)
+    assert journal.statistics().file_bytes == file_bytes
+    journal.add(b"other-5", 5, 1)
+    journal.sync()
+    journal._destroy()
+
+    reopened = DurableJournal(path)
+    assert _indexes(reopened) == [1, 2, 3, 4, 5]
+    assert reopened[-1][0] == b"other-5"
+
+
+def test_a_second_truncation_makes_the_first_real(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 8)
+    journal.sync()
+
+    journal.deleteEntriesFrom(6)  # idx 7 and 8 wait in the shadow
+    journal.deleteEntriesFrom(3)
+    assert os.path.getsize(path) == _record_offset(7)
+    _fill(journal, 4, 3)  # idx 4..6 come back unchanged
+    assert journal.statistics().truncations_avoided_total == 1
+    assert journal.dirty  # the cut of 7 and 8 is not flushed yet
+
+    journal.sync()
+    recovered = DurableJournal(_crash_copy(journal, tmp_path / "crash"))
+    assert _indexes(recovered) == [1, 2, 3, 4, 5, 6]
+
+
+def test_compaction_during_a_pending_truncation_keeps_only_the_list(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 10)
+    journal.sync()
+
+    journal.deleteEntriesFrom(6)  # idx 7..10 wait in the shadow
+    journal.deleteEntriesTo(2)
+    assert _indexes(journal) == [3, 4, 5, 6]
+    assert not journal.dirty
+    recovered = DurableJournal(_crash_copy(journal, tmp_path / "crash"))
+    assert _indexes(recovered) == [3, 4, 5, 6]
+
+    # The shadow is gone with the old file: idx 7 is written again.
+    _fill(journal, 7, 1)
+    assert journal.dirty
+    journal.sync()
+    assert journal.statistics().truncations_avoided_total == 0
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [3, 4, 5, 6, 7]
+
+
+def test_truncation_after_compaction_uses_the_new_offsets(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 10)
+    journal.deleteEntriesTo(4)  # idx 5..10 in the new file
+
+    _forbid_file_changes(monkeypatch)
+    journal.deleteEntriesFrom(2)
+    _fill(journal, 7, 4)
+    monkeypatch.undo()
+
+    assert not journal.dirty
+    assert journal.statistics().truncations_avoided_total == 1
+    journal.deleteEntriesFrom(3)
+    journal.sync()
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [5, 6, 7]
+
+
+def test_clear_during_a_pending_truncation_then_new_entries(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 6)
+    journal.sync()
+
+    journal.deleteEntriesFrom(3)
+    _fill(journal, 4, 1)  # idx 4 back; 5 and 6 still in the shadow
+    journal.clear()
+    assert os.path.getsize(path) == _record_offset(5)
+    assert len(journal) == 0
+
+    journal.setCurrentTerm(3, None)
+    journal.add(b"snap-a", 40, 3)
+    journal.sync()
+    journal._destroy()
+    assert DurableJournal(path)[:] == [(b"snap-a", 40, 3)]
+
+
+def test_clear_then_the_same_entries_again_writes_nothing(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 3)
+    journal.sync()
+
+    _forbid_file_changes(monkeypatch)
+    journal.clear()
+    _fill(journal, 1, 3)
+    assert journal.sync() is False
+    monkeypatch.undo()
+
+    assert journal.statistics().truncations_avoided_total == 1
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [1, 2, 3]
+
+
+def test_destroy_cuts_a_pending_truncation(tmp_path):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 5)
+    journal.sync()
+
+    journal.deleteEntriesFrom(1)
+    journal._destroy()
+    assert _indexes(DurableJournal(path)) == [1]
+
+
+def test_a_failed_journal_refuses_to_truncate_into_its_file(tmp_path, monkeypatch):
+    journal = DurableJournal(tmp_path / "journal")
+    _fill(journal, 1, 2)
+    journal.sync()
+    _fill(journal, 3, 1)
+
+    def broken_fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", broken_fdatasync)
+    with pytest.raises(JournalIOError):
+        journal.sync()
+    monkeypatch.undo()
+
+    with pytest.raises(JournalIOError):
+        journal.deleteEntriesFrom(1)
+    assert _indexes(journal) == [1, 2, 3]
 
 
 # -- compaction ---------------------------------------------------------------------
@@ -379,6 +638,22 @@ def test_unsafe_switch_writes_but_skips_fdatasync(tmp_path, monkeypatch, caplog)
     after = journal.statistics()
     assert after.fsync_total == before.fsync_total
     assert after.file_bytes > before.file_bytes
+    assert not journal.dirty
+
+
+def test_unsafe_switch_still_cuts_a_pending_truncation(tmp_path, monkeypatch):
+    monkeypatch.setenv(UNSAFE_SKIP_FSYNC_ENV, "1")
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path)
+    _fill(journal, 1, 4)
+    journal.sync()
+    before = journal.statistics()
+
+    journal.deleteEntriesFrom(2)
+    assert journal.sync() is True
+
+    assert journal.statistics().fsync_total == before.fsync_total
+    assert os.path.getsize(path) == _record_offset(3)
     assert not journal.dirty
 
 
