@@ -83,6 +83,21 @@ class Session:
     boot: str
     opened_ms: int
     subs: dict[str, bool] = field(default_factory=dict)  # pattern -> paused
+    last_active_ms: int = 0  # log time of its last delivery or answer
+
+
+@dataclass(frozen=True)
+class ClosedSession:
+    sid: str
+    app: str
+    node: str
+    opened_ms: int
+    closed_ms: int
+    reason: str
+
+
+# Recently closed sessions kept in memory for operators ("disconnected").
+CLOSED_SESSIONS_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,8 @@ class BrokerState:
         self.inflight: dict[tuple[str, str], tuple[int, int]] = {}
         self.deferred: list[tuple[int, int, int]] = []  # heap of (due_ms, p, off)
         self.dead: dict[tuple[int, int], Event] = {}
+        self.closed_sessions: collections.deque[ClosedSession] = collections.deque(
+            maxlen=CLOSED_SESSIONS_MAX)
         # (sender app, idempotency key) -> (log time, idem), oldest first
         self.publish_keys: collections.OrderedDict[tuple[str, str], tuple[int, str]] = (
             collections.OrderedDict())
@@ -285,7 +302,7 @@ class BrokerState:
 
     def _add_session(self, sid: str, rec: dict) -> None:
         self.sessions[sid] = Session(rec["app"], rec["node"], rec["boot"],
-                                     rec["opened_ms"])
+                                     rec["opened_ms"], last_active_ms=rec["opened_ms"])
         self.app_sessions.setdefault(rec["app"], []).append(sid)
 
     def _op_session_close(self, op: dict, out: Applied) -> dict:
@@ -301,6 +318,8 @@ class BrokerState:
             self._drop_sub(sid, pattern, out)
         del self.sessions[sid]
         self.app_sessions[session.app].remove(sid)
+        self.closed_sessions.append(ClosedSession(
+            sid, session.app, session.node, session.opened_ms, self.clock_ms, reason))
         out.writes[schema.session_key(sid)] = None
         out.effects.append(Close(sid, reason))
 
@@ -421,6 +440,7 @@ class BrokerState:
         ev.attempts += 1
         ev.deadline_ms = op["deadline_ms"]
         self.inflight[(ev.sid, ev.pattern)] = key
+        session.last_active_ms = self.clock_ms
         self._audit(ev, "delivered", out, sid=ev.sid, node=session.node,
                     attempt=ev.attempts)
         self._write_delivery(ev, out)
@@ -511,6 +531,7 @@ class BrokerState:
             return None, _fail("NOT_FOUND", "no such event in flight")
         if ev.sid != op["sid"]:
             return None, _fail("UNAUTHORIZED", "event is held by another client")
+        session.last_active_ms = self.clock_ms
         return ev, None
 
     def _op_requeue(self, op: dict, out: Applied) -> dict:
