@@ -268,8 +268,6 @@ class DurableJournal(Journal):
         self._fsync_seconds_total = 0.0
         self._last_sync_entries = 0
         self._truncations_avoided_total = 0
-        self._dbg_file_truncations = 0
-        self._dbg_real_cuts = 0
 
         self._current_term = 0
         self._voted_for_node_id: str | None = None
@@ -314,7 +312,11 @@ class DurableJournal(Journal):
         self.deleteEntriesFrom(0)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
-        """Drop entries from position ``entryFrom`` (not a Raft index) to the end."""
+        """Drop entries from position ``entryFrom`` (not a Raft index) to the end.
+
+        Records already in the file stay there, in the shadow, until an add differs
+        from them or the next sync; see the module essay.
+        """
         assert entryFrom >= 0
         if entryFrom >= len(self._entries):
             return
@@ -324,7 +326,6 @@ class DurableJournal(Journal):
             # An older shadow would no longer sit right after the list in the file.
             self._cut_shadow()
             self._shadow_file_entries(entryFrom)
-            self._dbg_file_truncations += 1
 
         # Entries that never left memory are simply forgotten.
         del self._pending[max(0, cut_offset - self._written_bytes) :]
@@ -332,9 +333,6 @@ class DurableJournal(Journal):
         del self._offsets[entryFrom:]
         self._last_index = self._entries[-1][1] if self._entries else 0
         self._unsynced_entries = min(self._unsynced_entries, len(self._entries))
-        if os.environ.get("DBG_EAGER_TRUNCATION") == "1" and self._shadow:
-            self._cut_shadow()
-            self._fdatasync_log()
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries before position ``entryTo`` (compaction after a snapshot)."""
@@ -400,9 +398,6 @@ class DurableJournal(Journal):
 
     def onOneSecondTimer(self) -> None:
         self._save_commit_index()
-        logger.warning("DBGSTATS %s file_truncations=%d real_cuts=%d avoided=%d fsync=%d",
-                       self._path, self._dbg_file_truncations, self._dbg_real_cuts,
-                       self._truncations_avoided_total, self._fsync_total)
 
     # -- group commit ------------------------------------------------------------------
 
@@ -579,7 +574,6 @@ class DurableJournal(Journal):
         assert not self._pending
 
         cut_offset = self._shadow[0][1]
-        self._dbg_real_cuts += 1
         self._truncate_file(cut_offset)
         self._shadow.clear()
 

@@ -85,8 +85,8 @@ class ReplicatedBroker(SyncObj):
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.cfg = cfg
         self.lock = threading.RLock()
-        self.state = BrokerState()
         self.store = Store(os.path.join(cfg.data_dir, "state.rocksdb"))
+        self.state = BrokerState(self.store)
         self.state.load(self.store.state_rows())
         self._on_applied = on_applied  # called on the tick thread
         self.snapshot_installs = 0
@@ -189,7 +189,7 @@ class ReplicatedBroker(SyncObj):
             os.rename(live, live + ".old")
             os.rename(fresh, live)
             self.store.open()
-            self.state = BrokerState()
+            self.state = BrokerState(self.store)
             self.state.load(self.store.state_rows())
             self.snapshot_installs += 1
         shutil.rmtree(live + ".old", ignore_errors=True)

@@ -13,7 +13,9 @@ issue can move a range of partitions to another Raft group by prefix.
     s/<session id>            session: app, node, boot, opened_ms
     b/<session id>/<pattern>  subscription of a session
     r/<batch id>              results of a recently applied batch (retry dedup)
-    u/<app id>/<key>          idem of a recent publish with that idempotency key
+    u/<app id>;<key>          idem of a recent publish with that idempotency key
+    q/<app id>;<name>;<rank>  index of pending events, in delivery order (queues.py)
+    x/<p:04x>/<off:012x>      index of events held in memory: in flight, deferred, dead
     h/<p:04x>/<off:012x>/<n:04x>  audit trail of one event, row n
     e/<p:04x>/<off:012x>      event record as published (payload, metadata, ...)
     d/<p:04x>/<off:012x>      delivery state of that event (state, session, attempts)
@@ -69,7 +71,11 @@ def batch_key(batch_id: str) -> bytes:
 
 
 def publish_key(app_id: str, dedup_key: str) -> bytes:
-    return b"u/" + app_id.encode() + b"/" + dedup_key.encode()
+    return b"u/" + app_id.encode() + b";" + dedup_key.encode()
+
+
+def resident_key(p: int, off: int) -> bytes:
+    return b"x/%04x/%012x" % (p, off)
 
 
 def history_key(p: int, off: int, n: int) -> bytes:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from raft import schema
+from raft.queues import Queue, index_key, parse_index_key
 
 # A proposer that got no answer resubmits the same batch under the same id. Apply
 # answers a repeat from this table instead of applying it twice. Entries leave the
@@ -129,6 +130,7 @@ class StateStatistics:
     subscriptions: int
     pending_events: int
     inflight_events: int
+    resident_events: int  # in memory: queue windows, in flight, deferred
 
 
 def _fail(code: str, message: str) -> dict:
@@ -140,14 +142,21 @@ def _limit(op: dict) -> int:
 
 
 class BrokerState:
-    def __init__(self) -> None:
+    """The replicated state; ``reader`` reads this node's RocksDB (get, scan).
+
+    Without a reader every pending event stays in memory (the core's tests);
+    with one, queues keep only a window in memory (``raft/queues.py``).
+    """
+
+    def __init__(self, reader=None) -> None:
+        self.reader = reader
         self.apps: dict[str, dict] = {}
         self.key_hashes: dict[str, str] = {}
         self.app_names: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
         self.app_sessions: dict[str, list[str]] = {}
         self.events: dict[tuple[int, int], Event] = {}
-        self.queues: dict[str, dict[str, list[int]]] = {}  # app -> name -> heap
+        self.queues: dict[str, dict[str, Queue]] = {}  # app -> name -> queue
         self.inflight: dict[tuple[str, str], tuple[int, int]] = {}
         self.deferred: list[tuple[int, int, int]] = []  # heap of (due_ms, p, off)
         self.dead: dict[tuple[int, int], Event] = {}
@@ -185,10 +194,14 @@ class BrokerState:
                 self._add_session(key[2:].decode(), orjson.loads(value))
             elif prefix == b"b/":
                 subs.append((key[2:].decode(), orjson.loads(value)["paused"]))
-            elif prefix == b"d/":
+            elif prefix == b"d/" and self.reader is None:
                 self._load_delivery(key, orjson.loads(value))
+            elif prefix == b"x/" and self.reader is not None:
+                p, off = int(key[2:6], 16), int(key[7:], 16)
+                raw = self.reader.get(schema.delivery_key(p, off))
+                self._load_delivery(schema.delivery_key(p, off), orjson.loads(raw))
             elif prefix == b"u/":
-                app, _, key_text = key[2:].decode().partition("/")
+                app, _, key_text = key[2:].decode().partition(";")
                 rec = orjson.loads(value)
                 batches.append((rec["ts"], "u", (app, key_text, rec["idem"])))
             elif prefix == b"r/":
@@ -208,7 +221,19 @@ class BrokerState:
         for sid_pattern, paused in subs:
             sid, _, pattern = sid_pattern.partition("/")
             self.sessions[sid].subs[pattern] = paused
+        if self.reader is not None:
+            self._load_queue_counts()
         self.dirty_apps = set(self.apps)
+
+    def _load_queue_counts(self) -> None:
+        """Count each queue's pending events from its index; load none of them."""
+        counts: dict[tuple[str, str], int] = collections.Counter()
+        for key in self.reader.scan(b"q/", b"q/", None):
+            app, name, _ = parse_index_key(key)
+            counts[(app, name)] += 1
+        for (app, name), pending in counts.items():
+            queue = Queue(app, name, pending, resident=False)
+            self.queues.setdefault(app, {})[name] = queue
 
     def _load_app(self, app_id: str, rec: dict) -> None:
         self.apps[app_id] = rec
@@ -218,9 +243,7 @@ class BrokerState:
         if d["state"] in FINISHED:
             return
         p, off = int(key[2:6], 16), int(key[7:], 16)
-        ev = Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
-                   d.get("pattern"), d["attempts"], d.get("deadline_ms", 0),
-                   d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0))
+        ev = self._make_event(p, off, d)
         if ev.state == DEAD:
             self.dead[(p, off)] = ev
             return
@@ -230,7 +253,23 @@ class BrokerState:
         elif ev.state == DEFERRED:
             heapq.heappush(self.deferred, (ev.due_ms, p, off))
         else:
-            self._enqueue(ev)
+            self._enqueue(ev, None)
+
+    def _make_event(self, p: int, off: int, d: dict) -> Event:
+        return Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
+                     d.get("pattern"), d["attempts"], d.get("deadline_ms", 0),
+                     d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0))
+
+    def _pending_event(self, key: tuple[int, int]) -> Event | None:
+        """A pending event, from memory or, outside the window, from RocksDB."""
+        ev = self.events.get(key)
+        if ev is not None or self.reader is None:
+            return ev
+        raw = self.reader.get(schema.delivery_key(*key))
+        if raw is None:
+            return None
+        d = orjson.loads(raw)
+        return self._make_event(*key, d) if d["state"] == PENDING else None
 
     # -- apply ------------------------------------------------------------------
 
@@ -396,7 +435,7 @@ class BrokerState:
         if due_ms > self.clock_ms:
             self._defer(ev, due_ms, 1, "scheduled", out)
         else:
-            self._enqueue(ev)
+            self._enqueue(ev, out)
         out.writes[schema.offset_key(p)] = b"%d" % (off + 1)
         out.writes[schema.event_key(p, off)] = orjson.dumps(record)
         self._write_delivery(ev, out)
@@ -422,7 +461,7 @@ class BrokerState:
         if not self._fence(op, out):
             return _fail("STALE_TERM", "decision from an older term")
 
-        ev = self.events.get(key)
+        ev = self._pending_event(key)
         if ev is not None:
             # Whatever the outcome, the leader must look at this app again.
             self.dirty_apps.add(ev.app)
@@ -436,6 +475,8 @@ class BrokerState:
         if (op["sid"], op["pattern"]) in self.inflight:
             return _fail("STALE", "slot is busy")
 
+        self._dequeue(ev, out)
+        self.events[key] = ev
         ev.state, ev.sid, ev.pattern = INFLIGHT, op["sid"], op["pattern"]
         ev.attempts += 1
         ev.deadline_ms = op["deadline_ms"]
@@ -504,7 +545,7 @@ class BrokerState:
             return _fail("STALE", "event is not due")
         ev.state, ev.due_ms = PENDING, 0
         self._audit(ev, "released", out)
-        self._enqueue(ev)
+        self._enqueue(ev, out)
         self._write_delivery(ev, out)
         return {"ok": True}
 
@@ -516,7 +557,7 @@ class BrokerState:
         self.events[(ev.p, ev.off)] = ev
         self._audit(ev, "requeued from the dead-letter queue", out,
                     by=op.get("by", "admin"))
-        self._enqueue(ev)
+        self._enqueue(ev, out)
         self._write_delivery(ev, out)
         return {"ok": True, "idem": schema.idem_of(ev.p, ev.off)}
 
@@ -574,7 +615,7 @@ class BrokerState:
             self._audit(ev, "dead-lettered", out, attempts=ev.attempts, limit=limit)
         else:
             ev.state = PENDING
-            self._enqueue(ev)
+            self._enqueue(ev, out)
         self._write_delivery(ev, out)
 
     def _finish(self, ev: Event, state: str, out: Applied, **fields) -> None:
@@ -591,10 +632,25 @@ class BrokerState:
         self._audit(ev, "deferred", out, until_ms=due_ms, priority=priority,
                     reason=reason)
 
-    def _enqueue(self, ev: Event) -> None:
-        heap = self.queues.setdefault(ev.app, {}).setdefault(ev.name, [])
-        heapq.heappush(heap, ev.rank())
+    def _queue(self, app: str, name: str) -> Queue:
+        queues = self.queues.setdefault(app, {})
+        queue = queues.get(name)
+        if queue is None:
+            queue = queues[name] = Queue(app, name)
+        return queue
+
+    def _enqueue(self, ev: Event, out: Applied | None) -> None:
+        """``ev`` is pending now: index it (``out`` None: loading) and count it."""
+        if out is not None:
+            out.writes[index_key(ev.app, ev.name, ev.rank())] = b""
+        self._queue(ev.app, ev.name).add(ev, self.events, self.planned,
+                                         self.reader is not None)
         self.dirty_apps.add(ev.app)
+
+    def _dequeue(self, ev: Event, out: Applied) -> None:
+        """``ev`` leaves the pending state."""
+        out.writes[index_key(ev.app, ev.name, ev.rank())] = None
+        self._queue(ev.app, ev.name).pending -= 1
 
     def _audit(self, ev: Event, what: str, out: Applied, **fields) -> None:
         row = {"what": what, "at": self.clock_ms, **fields}
@@ -609,6 +665,9 @@ class BrokerState:
         elif ev.state == DEFERRED:
             d["due_ms"] = ev.due_ms
         out.writes[schema.delivery_key(ev.p, ev.off)] = orjson.dumps(d)
+        # States that live in memory are indexed, so a restart finds them fast.
+        resident = ev.state in (INFLIGHT, DEFERRED, DEAD)
+        out.writes[schema.resident_key(ev.p, ev.off)] = b"" if resident else None
 
     # -- planning (leader only) ---------------------------------------------------
 
@@ -682,38 +741,17 @@ class BrokerState:
                 self.planned[(ev.p, ev.off)] = now_ms
         return True
 
-    def _next_pending(self, app: str, queues: dict[str, list[int]], pattern: str):
-        """The oldest pending, unplanned event of the app that ``pattern`` matches."""
-        p = schema.partition_of(app)
+    def _next_pending(self, app: str, queues: dict[str, Queue], pattern: str):
+        """The pending, unplanned event of the app with the smallest rank that
+        ``pattern`` matches."""
         best = None
-        for name, heap in queues.items():
-            if not schema.matches(pattern, name):
+        for name, queue in queues.items():
+            if not schema.matches(pattern, name) or queue.pending <= 0:
                 continue
-            ev = self._queue_head(p, heap)
+            ev = queue.head(self.events, self.planned, self.reader, self._make_event)
             if ev is not None and (best is None or ev.rank() < best.rank()):
                 best = ev
         return best
-
-    def _queue_head(self, p: int, heap: list[int]) -> Event | None:
-        # Lazy deletion: entries that are no longer pending are popped here.
-        # Planned events stay in the heap (their assign may still fail), so
-        # they are set aside and pushed back.
-        skipped = []
-        head = None
-        while heap:
-            rank = heap[0]
-            ev = self.events.get((p, rank[1]))
-            if ev is None or ev.state != PENDING or ev.rank() != rank:
-                heapq.heappop(heap)  # stale entry: moved on, or re-ranked
-                continue
-            if (p, ev.off) in self.planned:
-                skipped.append(heapq.heappop(heap))
-                continue
-            head = ev
-            break
-        for rank in skipped:
-            heapq.heappush(heap, rank)
-        return head
 
     def forget_plans(self) -> None:
         """Called when this node stops leading: its pending plans mean nothing."""
@@ -734,9 +772,10 @@ class BrokerState:
 
     def statistics(self) -> StateStatistics:
         subs = sum(len(s.subs) for s in self.sessions.values())
-        return StateStatistics(len(self.apps), len(self.sessions), subs,
-                               len(self.events) - len(self.inflight),
-                               len(self.inflight))
+        pending = sum(q.pending for queues in self.queues.values()
+                      for q in queues.values())
+        return StateStatistics(len(self.apps), len(self.sessions), subs, pending,
+                               len(self.inflight), len(self.events))
 
 
 _HANDLERS = {

@@ -23,7 +23,7 @@ from rocksdict import AccessType, Checkpoint, Options, Rdict, WriteBatch
 
 from raft import schema
 
-_EVENTS_END = b"e0"  # first key after every ``e/`` key
+_LOADED_PREFIXES = (b"a/", b"b/", b"k/", b"m/", b"r/", b"s/", b"u/", b"x/")
 
 
 def _options() -> Options:
@@ -70,13 +70,34 @@ class Store:
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(key)
 
-    def state_rows(self):
-        """Every row but event bodies, in key order: what ``BrokerState.load`` reads."""
-        for key, value in self.db.items():
-            if key >= b"e/":
+    def scan_prefix(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) whose key starts with ``prefix``, in key order."""
+        assert prefix
+
+        rows = []
+        for key, value in self.db.items(from_key=prefix):
+            if not key.startswith(prefix):
                 break
-            yield key, value
-        yield from self.db.items(from_key=_EVENTS_END)
+            rows.append((key, value))
+        return rows
+
+    def state_rows(self):
+        """What ``BrokerState.load`` reads: every row but the per-event ones
+        (records, delivery states, history, queue index), in key order."""
+        for prefix in _LOADED_PREFIXES:
+            for key, value in self.db.items(from_key=prefix):
+                if not key.startswith(prefix):
+                    break
+                yield key, value
+
+    def scan(self, prefix: bytes, start: bytes, limit: int | None) -> list[bytes]:
+        """Keys under ``prefix`` from ``start`` on, at most ``limit`` of them."""
+        found = []
+        for key in self.db.keys(from_key=start):
+            if not key.startswith(prefix) or (limit is not None and len(found) >= limit):
+                break
+            found.append(key)
+        return found
 
     def digest(self) -> str:
         h = hashlib.sha256()
