@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import tarfile
 from node.errors import BrokerError
 
 MAGIC = b"ENSYNC-SNAPSHOT-1\n"
+COPY_CHUNK_BYTES = 1 << 20
 log = logging.getLogger("ensync.snapshot")
 
 
@@ -42,26 +42,42 @@ class SnapshotCorrupt(BrokerError):
 
 
 def write_snapshot(path: str, checkpoint_dir: str, applied: int, data) -> int:
-    """Pack ``checkpoint_dir`` into ``path``; fsync; return the file size."""
+    """Pack ``checkpoint_dir`` into ``path``; fsync; return the file size.
+
+    The tar streams through a file beside ``path``, never through memory: a
+    checkpoint is as large as the database.
+    """
     # TODO(#7): pack in a background thread once snapshots grow past a few MB;
     # today the tick thread waits for the tar, which delays heartbeats.
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    body_path = path + ".tar"
+    with tarfile.open(body_path, mode="w") as tar:
         tar.add(checkpoint_dir, arcname="db")
-    body = buf.getvalue()
+    tar_bytes, digest = _hash_file(body_path, 0)
 
     header = json.dumps({
         "applied": applied,
-        "tar_bytes": len(body),
-        "sha256": hashlib.sha256(body).hexdigest(),
+        "tar_bytes": tar_bytes,
+        "sha256": digest,
         "raft": base64.b64encode(pickle.dumps(data, 4)).decode(),
     }).encode()
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, open(body_path, "rb") as body:
         f.write(MAGIC + struct.pack(">I", len(header)) + header)
-        f.write(body)
+        shutil.copyfileobj(body, f, COPY_CHUNK_BYTES)
         f.flush()
         os.fsync(f.fileno())
-    return len(MAGIC) + 4 + len(header) + len(body)
+    os.unlink(body_path)
+    return len(MAGIC) + 4 + len(header) + tar_bytes
+
+
+def _hash_file(path: str, offset: int) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(COPY_CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def read_header(path: str) -> dict:
@@ -80,19 +96,19 @@ def raft_data(header: dict):
 
 def extract(path: str, header: dict, target_dir: str) -> None:
     """Verify the tar against the header and unpack its ``db`` into target_dir."""
-    with open(path, "rb") as f:
-        f.seek(header["offset"])
-        body = f.read()
-    if len(body) != header["tar_bytes"]:
+    size, digest = _hash_file(path, header["offset"])
+    if size != header["tar_bytes"]:
         raise SnapshotCorrupt(
-            f"snapshot has {len(body)} bytes, header says {header['tar_bytes']}")
-    if hashlib.sha256(body).hexdigest() != header["sha256"]:
+            f"snapshot has {size} bytes, header says {header['tar_bytes']}")
+    if digest != header["sha256"]:
         raise SnapshotCorrupt("snapshot checksum mismatch")
 
     staging = target_dir + ".extract"
     shutil.rmtree(staging, ignore_errors=True)
-    with tarfile.open(fileobj=io.BytesIO(body), mode="r") as tar:
-        tar.extractall(staging, filter="data")
+    with open(path, "rb") as f:
+        f.seek(header["offset"])
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            tar.extractall(staging, filter="data")
     # pysyncobj renames the received file into place without an fsync, and the
     # journal is cleared right after this returns: make the new state durable first.
     _fsync_tree(os.path.join(staging, "db"))
