@@ -15,8 +15,13 @@ against the highest commit index any reachable node reports.
 Exit codes: 0 when the command did its work (for `status`: the cluster is
 healthy), 1 when `status` found the cluster unhealthy (it still prints the
 table, even with no node answering), and 2 for a failure of the world (no
-cluster file, refused token, bad arguments, no node answering a `keys`
-command), which ends the command with one line on stderr.
+cluster file, refused token, bad arguments, no node answering any other
+command, an unknown event), which ends the command with one line on stderr.
+
+`trace`, `dlq` and `sessions` read from the first node that answers, which
+serves them from its own applied state; `dlq requeue` is a write and goes
+through Raft from whichever node takes it. `completion bash` prints a script
+generated from the argument parser, so it never lists a stale command.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -516,6 +522,244 @@ def format_ms(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Delivery inspection: trace, dlq, sessions
+#
+# Each asks the first node that answers. Nodes answer from their own applied
+# state, so a node that lags may not know an event another node just took.
+
+
+def event_path(prefix: str, idem: str, suffix: str = "") -> str:
+    return f"{prefix}/{urllib.parse.quote(idem, safe='')}{suffix}"
+
+
+def get_first(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    targets, token = resolve_targets(args)
+
+    def fetch(target: Target) -> dict[str, Any]:
+        return request_json(target.admin_url + path, token, args.timeout_ms)
+
+    return first_answer(targets, fetch)[1]
+
+
+def print_answer(args: argparse.Namespace, answer: dict[str, Any], text: str) -> None:
+    print(json.dumps(answer, indent=2) if args.json else text)
+
+
+def format_ms_precise(value: object) -> str:
+    if not isinstance(value, int):
+        return "-"
+    return f"{format_ms(value)}.{value % 1000:03d}"
+
+
+def audit_details(row: dict[str, Any]) -> str:
+    pairs = [(key, value) for key, value in row.items() if key not in ("what", "at")]
+    return " ".join(f"{key}={value}" for key, value in pairs if value is not None)
+
+
+def render_trace(trace: dict[str, Any]) -> str:
+    """A header naming the event, then its audit trail as a timeline table."""
+    lines = [
+        f"{trace.get('idem', '?')}  {trace.get('name', '?')}  "
+        f"state {trace.get('state', '?')}, attempts {trace.get('attempts', '?')}",
+        f"from {trace.get('from', '?')}",
+        f"to   {trace.get('to', '?')}",
+    ]
+    record = trace.get("record")
+    if isinstance(record, dict):
+        lines.append(f"payload  {record.get('payload', '')}")
+        lines.append(f"metadata {json.dumps(record.get('metadata', {}))}")
+    history = trace.get("history", [])
+    rows = [
+        [
+            format_ms_precise(row.get("at")),
+            str(row.get("what", "?")),
+            audit_details(row),
+        ]
+        for row in history
+    ]
+    headers = ["time (UTC)", "what", "details"]
+    lines.append(render_table(headers, rows) if rows else "no audit rows")
+    return "\n".join(lines)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    trace = get_first(args, event_path("/admin/trace", args.idem))
+    print_answer(args, trace, render_trace(trace))
+    return EXIT_HEALTHY
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    answer = get_first(args, f"/admin/dlq?limit={args.limit}")
+    print_answer(args, answer, render_dead_letters(answer))
+    return EXIT_HEALTHY
+
+
+def render_dead_letters(answer: dict[str, Any]) -> str:
+    letters = answer.get("dead_letters", [])
+    if not letters:
+        return "no dead letters"
+    headers = ["idem", "name", "to", "attempts", "dead since (UTC)"]
+    rows = [
+        [
+            str(letter.get("idem", "-")),
+            str(letter.get("name", "-")),
+            str(letter.get("to", "-")),
+            cell_text(letter.get("attempts")),
+            format_ms_precise(letter.get("dead_since_ms")),
+        ]
+        for letter in letters
+    ]
+    lines = [render_table(headers, rows)]
+    total = answer.get("total", len(letters))
+    if isinstance(total, int) and total > len(letters):
+        lines.append(f"showing {len(letters)} of {total}; raise --limit for more")
+    return "\n".join(lines)
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    trace = get_first(args, event_path("/admin/dlq", args.idem))
+    print_answer(args, trace, render_trace(trace))
+    return EXIT_HEALTHY
+
+
+def cmd_dlq_requeue(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+    path = event_path("/admin/dlq", args.idem, "/requeue")
+    timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
+
+    def requeue(target: Target) -> dict[str, Any]:
+        return request_json(target.admin_url + path, token, timeout_ms, "POST", {})
+
+    _, answer = first_answer(targets, requeue)
+    print_answer(args, answer, f"requeued {answer.get('idem', args.idem)}")
+    return EXIT_HEALTHY
+
+
+SESSION_COLUMNS = ("client id", "app", "node", "status", "in flight", "opened (UTC)")
+SESSION_COLUMNS += ("last active (UTC)", "closed (UTC)", "reason")
+
+
+def session_cells(session: dict[str, Any]) -> list[str]:
+    app = session.get("app_name") or session.get("app")
+    return [
+        str(session.get("client_id", "-")),
+        cell_text(app),
+        cell_text(session.get("node")),
+        cell_text(session.get("status")),
+        cell_text(session.get("in_flight")),
+        format_ms(session.get("opened_ms")),
+        format_ms(session.get("last_active_ms")),
+        format_ms(session.get("closed_ms")),
+        cell_text(session.get("reason")),
+    ]
+
+
+def render_sessions(answer: dict[str, Any]) -> str:
+    sessions = answer.get("sessions", [])
+    if not sessions:
+        return "no sessions"
+    rows = [session_cells(session) for session in sessions]
+    return render_table(list(SESSION_COLUMNS), rows)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    answer = get_first(args, "/admin/sessions")
+    print_answer(args, answer, render_sessions(answer))
+    return EXIT_HEALTHY
+
+
+# ---------------------------------------------------------------------------
+# Shell completion
+#
+# The script is generated from the parser itself, so a new command or flag is
+# completed without anyone remembering to edit a second list.
+
+
+def command_tree(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], list[str], bool]]:
+    """(command path, words that may follow it, whether it takes subcommands)."""
+    words: list[str] = []
+    children: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            children += list(action.choices.items())
+        elif action.option_strings:
+            words += [o for o in action.option_strings if o.startswith("--")]
+        elif action.choices:
+            words += [str(choice) for choice in action.choices]
+    words += [name for name, _ in children]
+    tree = [(path, sorted(set(words)), bool(children))]
+    for name, child in children:
+        tree += command_tree(child, (*path, name))
+    return tree
+
+
+def options_with_values(parser: argparse.ArgumentParser) -> list[str]:
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found.update(options_with_values(child))
+        elif action.option_strings and action.nargs != 0:
+            found.update(o for o in action.option_strings if o.startswith("--"))
+    return sorted(found)
+
+
+def bash_completion(parser: argparse.ArgumentParser) -> str:
+    valued = options_with_values(parser)
+    cases = []
+    for path, words, nested in command_tree(parser):
+        joined = " ".join(path)
+        # A command without subcommands keeps its flags after its arguments.
+        pattern = f'"{joined}"' if nested or not path else f'"{joined}"|"{joined} "*'
+        cases.append(f'        {pattern}) words="{" ".join(words)}" ;;')
+    return BASH_TEMPLATE.format(
+        prog=PROG,
+        func="_" + PROG,
+        valued="|".join(valued),
+        opaque="|".join(option for option in valued if option != "--cluster"),
+        cases="\n".join(cases),
+    )
+
+
+BASH_TEMPLATE = """\
+# bash completion for {prog}; load with: source <({prog} completion bash)
+{func}() {{
+    local cur prev word path words i
+    cur="${{COMP_WORDS[COMP_CWORD]}}"
+    prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+    case "$prev" in
+        --cluster) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        {opaque}) COMPREPLY=(); return ;;
+    esac
+    path=""
+    i=1
+    while [ "$i" -lt "$COMP_CWORD" ]; do
+        word="${{COMP_WORDS[i]}}"
+        case "$word" in
+            {valued}) i=$((i + 1)) ;;
+            -*) ;;
+            *) path="${{path:+$path }}$word" ;;
+        esac
+        i=$((i + 1))
+    done
+    words=""
+    case "$path" in
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+complete -F {func} {prog}
+"""
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(bash_completion(build_parser()), end="")
+    return EXIT_HEALTHY
+
+
+# ---------------------------------------------------------------------------
 # Command line
 
 
@@ -584,7 +828,46 @@ def build_parser() -> argparse.ArgumentParser:
     listing = key_commands.add_parser("list", parents=[common], help="list keys")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_keys_list)
+
+    add_delivery_commands(commands, common)
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script"
+    )
+    completion.add_argument("shell", choices=["bash"])
+    completion.set_defaults(handler=cmd_completion)
     return parser
+
+
+def add_delivery_commands(commands, common: argparse.ArgumentParser) -> None:
+    trace = commands.add_parser("trace", parents=[common], help="an event's history")
+    trace.add_argument("idem", metavar="IDEM")
+    trace.add_argument("--json", action="store_true")
+    trace.set_defaults(handler=cmd_trace)
+
+    dlq = commands.add_parser("dlq", parents=[common], help="dead-letter queue")
+    dlq_commands = dlq.add_subparsers(
+        dest="dlq_command", required=True, metavar="action"
+    )
+    listing = dlq_commands.add_parser("list", parents=[common], help="dead letters")
+    listing.add_argument("--limit", type=positive_int, default=100, help="[100]")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_dlq_list)
+
+    show = dlq_commands.add_parser("show", parents=[common], help="one dead letter")
+    show.add_argument("idem", metavar="IDEM")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_dlq_show)
+
+    requeue = dlq_commands.add_parser(
+        "requeue", parents=[common], help="deliver a dead letter again"
+    )
+    requeue.add_argument("idem", metavar="IDEM")
+    requeue.add_argument("--json", action="store_true")
+    requeue.set_defaults(handler=cmd_dlq_requeue)
+
+    sessions = commands.add_parser("sessions", parents=[common], help="client sessions")
+    sessions.add_argument("--json", action="store_true")
+    sessions.set_defaults(handler=cmd_sessions)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

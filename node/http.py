@@ -12,6 +12,8 @@ from node.errors import BrokerError, Unavailable
 from node.protocol import WS_MESSAGE_BYTES_MAX
 from node.session import Connection
 from raft import schema
+from raft.machine import now_ms
+from raft.state import DEAD
 
 log = logging.getLogger("ensync.http")
 
@@ -31,6 +33,11 @@ def build_app(node) -> web.Application:
     app.router.add_get("/admin/digest", _digest)
     app.router.add_get("/admin/keys", _list_keys)
     app.router.add_post("/admin/keys", _create_key)
+    app.router.add_get("/admin/trace/{idem}", _trace)
+    app.router.add_get("/admin/dlq", _list_dead_letters)
+    app.router.add_get("/admin/dlq/{idem}", _show_dead_letter)
+    app.router.add_post("/admin/dlq/{idem}/requeue", _requeue_dead_letter)
+    app.router.add_get("/admin/sessions", _list_sessions)
     return app
 
 
@@ -131,6 +138,78 @@ async def _create_key(request: web.Request) -> web.Response:
                   "created": True}, 201)
 
 
+# -- delivery inspection: reads answer from this node's applied state -----------
+
+DEAD_LETTERS_LIMIT_DEFAULT = 100
+DEAD_LETTERS_LIMIT_MAX = 1000
+SESSIONS_LIMIT_DEFAULT = 1000
+SESSIONS_LIMIT_MAX = 10_000
+
+
+def _not_found(what: str) -> web.Response:
+    return _error("NOT_FOUND", what, 404)
+
+
+def _limit_param(request: web.Request, default: int, most: int) -> int | None:
+    """``?limit=`` clamped to ``most``; None when it is not a positive integer."""
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        return None
+    return min(limit, most) if limit > 0 else None
+
+
+async def _trace(request: web.Request) -> web.Response:
+    trace = request.app[NODE_KEY].trace(request.match_info["idem"])
+    if trace is None:
+        return _not_found("no such event")
+    return _json(trace)
+
+
+async def _list_dead_letters(request: web.Request) -> web.Response:
+    limit = _limit_param(request, DEAD_LETTERS_LIMIT_DEFAULT, DEAD_LETTERS_LIMIT_MAX)
+    if limit is None:
+        return _error("INVALID_PARAMETER", "limit is a positive integer", 400)
+    rows, total = request.app[NODE_KEY].dead_letters(limit)
+    return _json({"dead_letters": rows, "total": total})
+
+
+async def _show_dead_letter(request: web.Request) -> web.Response:
+    trace = request.app[NODE_KEY].trace(request.match_info["idem"], with_record=True)
+    if trace is None or trace["state"] != DEAD:
+        return _not_found("no such dead letter")
+    return _json(trace)
+
+
+async def _requeue_dead_letter(request: web.Request) -> web.Response:
+    # No local check first: this node may lag, and apply decides anyway.
+    parsed = schema.parse_idem(request.match_info["idem"])
+    if parsed is None:
+        return _not_found("no such dead letter")
+    op = {"op": "dlq_requeue", "p": parsed[0], "off": parsed[1], "by": "admin"}
+    try:
+        result = await request.app[NODE_KEY].commit(op)
+    except Unavailable:
+        raise  # the middleware answers 503
+    except BrokerError as exc:
+        if exc.code == "NOT_FOUND":
+            return _not_found("no such dead letter")
+        raise
+    log.info("dead letter requeued idem=%s", result["idem"])
+    return _json({"idem": result["idem"], "requeued": True})
+
+
+async def _list_sessions(request: web.Request) -> web.Response:
+    limit = _limit_param(request, SESSIONS_LIMIT_DEFAULT, SESSIONS_LIMIT_MAX)
+    if limit is None:
+        return _error("INVALID_PARAMETER", "limit is a positive integer", 400)
+    rows, total = request.app[NODE_KEY].sessions_view(now_ms(), limit)
+    return _json({"sessions": rows, "total": total})
+
+
 def _app_by_name(node, name: str) -> str | None:
     with node.broker.lock:
         return node.broker.state.app_names.get(name)
@@ -171,6 +250,8 @@ async def _metrics(request: web.Request) -> web.Response:
         f"ensync_clients {status['clients']}",
         f"ensync_pending_events {stats.pending_events}",
         f"ensync_inflight_events {stats.inflight_events}",
+        f"ensync_resident_events {stats.resident_events}",
+        f"ensync_journal_truncations_avoided_total {journal.truncations_avoided_total}",
         f"ensync_deliveries_total {node.counters['deliveries_total']}",
     ]
     return web.Response(text="\n".join(lines) + "\n",

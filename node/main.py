@@ -44,6 +44,12 @@ SETTINGS = [
     ("ping_interval_ms", int, 30_000, "text PING to every client this often"),
     ("delivery_limit", int, 20, "deliveries of one event before it is dead-lettered"),
     ("dedup_window_ms", int, 120_000, "how long a publish idempotency key is remembered"),
+    ("idle_after_ms", int, 60_000, "admin: a session quiet this long is shown idle"),
+    ("retention_ms", int, 30 * 86_400_000, "an undelivered event expires after this"),
+    ("finished_retention_ms", int, 7 * 86_400_000,
+     "acked, discarded and expired records are compacted after this"),
+    ("history_retention_ms", int, 30 * 86_400_000, "audit trails are kept this long"),
+    ("journal_bytes_max", int, 64 << 20, "journal size that forces a snapshot"),
     ("log_file", str, "", "log to this file instead of stderr"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -112,7 +118,12 @@ def build_config(s: dict) -> NodeConfig:
                       stuck_follower_ms=s["stuck_follower_ms"],
                       ping_interval_ms=s["ping_interval_ms"],
                       delivery_limit=s["delivery_limit"],
-                      dedup_window_ms=s["dedup_window_ms"])
+                      dedup_window_ms=s["dedup_window_ms"],
+                      retention_ms=s["retention_ms"],
+                      finished_retention_ms=s["finished_retention_ms"],
+                      history_retention_ms=s["history_retention_ms"],
+                      journal_bytes_max=s["journal_bytes_max"],
+                      idle_after_ms=s["idle_after_ms"])
 
 
 class _NodeIdFilter(logging.Filter):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import heapq
 import itertools
 import logging
 import os
@@ -37,6 +38,8 @@ from raft.state import Close, Push
 log = logging.getLogger("ensync.node")
 
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+# Expiries, and events compacted or forgotten, per leader round.
+RETENTION_OPS_MAX = 256
 # Ops that can hand an in-flight event back, so may send it to the DLQ.
 RETURNING_OPS = frozenset({"session_close", "node_boot", "node_down", "unsub",
                            "rollback", "requeue"})
@@ -57,7 +60,13 @@ class NodeConfig:
     ws_heartbeat_ms: int = 20_000
     stuck_follower_ms: int = 10_000
     delivery_limit: int = 20
+    journal_bytes_max: int = 64 << 20
+    retention_ms: int = 30 * 86_400_000  # pending events wait at most this long
+    finished_retention_ms: int = 7 * 86_400_000  # acked/discarded records kept
+    history_retention_ms: int = 30 * 86_400_000  # their audit trail kept
+    retention_check_ms: int = 1000
     dedup_window_ms: int = 120_000
+    idle_after_ms: int = 60_000
 
     @property
     def id(self) -> str:
@@ -87,6 +96,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._announce_boot()))
         self._tasks.append(asyncio.create_task(self._ping_loop()))
         self._tasks.append(asyncio.create_task(self._watchdog_loop()))
+        self._tasks.append(asyncio.create_task(self._retention_loop()))
 
     async def stop(self) -> None:
         """Fail waiting writes, close clients; the caller then stops Raft."""
@@ -241,6 +251,43 @@ class Node:
                          "after checking the disk")
             os._exit(70)
 
+    async def _retention_loop(self) -> None:
+        """Leader: expire old pending events, then compact records, then history.
+
+        Each step is an op through the log, so every replica drops the same rows;
+        nothing is deleted by a timer of its own (reference/pysyncobj-rocksdict.md
+        3.3 on TTL compaction).
+        """
+        while True:
+            await asyncio.sleep(self.cfg.retention_check_ms / 1000)
+            if not self.broker._isLeader():
+                continue
+            now = now_ms()
+            with self.broker.lock:
+                ops = self.broker.state.plan_expiry(now, self.cfg.retention_ms,
+                                                    RETENTION_OPS_MAX)
+            for op_name, prefix, keep_ms in (
+                    ("compact", b"f/", self.cfg.finished_retention_ms),
+                    ("forget", b"g/", self.cfg.history_retention_ms)):
+                items = self._finished_before(prefix, now - keep_ms)
+                if items:
+                    ops.append({"op": op_name, "items": items, "ts": now})
+            if ops:
+                await self._propose_all(ops)
+
+    def _finished_before(self, prefix: bytes, before_ms: int) -> list[list[int]]:
+        with self.broker.lock:
+            keys = self.broker.store.scan(prefix, prefix, RETENTION_OPS_MAX)
+        items = [list(schema.parse_time_index(key)) for key in keys]
+        return [item for item in items if item[0] <= before_ms]
+
+    def _compact_if_journal_large(self) -> None:
+        """pysyncobj compacts by entry count; entries hold whole batches, so the
+        journal (which also lives in memory) is bounded in bytes here."""
+        if self.broker.journal().statistics().file_bytes > self.cfg.journal_bytes_max:
+            self.counters["journal_size_compactions_total"] += 1
+            self.broker.forceLogCompaction()
+
     async def _watchdog_loop(self) -> None:
         """Leader: force a snapshot when a connected follower stops catching up.
 
@@ -252,6 +299,7 @@ class Node:
         while True:
             await asyncio.sleep(1)
             self._exit_if_journal_failed()
+            self._compact_if_journal_large()
             if not self.broker._isLeader():
                 watch.clear()
                 continue
@@ -362,6 +410,95 @@ class Node:
             "app_id": base64.b64encode(public).decode(),
             "secret_key": base64.b64encode(bytes(signing) + public).decode(),
         }
+
+    # -- admin reads (loop thread; this node's applied state, not the leader's) ----
+
+    def trace(self, idem: str, with_record: bool = False) -> dict | None:
+        """An event's delivery state and audit rows; None for an unknown idem.
+
+        One hold of the lock, so the record, its state and its history come from
+        the same applied index.
+        """
+        parsed = schema.parse_idem(idem)
+        if parsed is None:
+            return None
+        with self.broker.lock:
+            store = self.broker.store
+            body = store.get(schema.event_key(*parsed))
+            state = store.get(schema.delivery_key(*parsed))
+            rows = store.scan_prefix(schema.history_prefix(*parsed))
+        if body is None or state is None:
+            return None
+
+        record, d = orjson.loads(body), orjson.loads(state)
+        trace = {"idem": record["idem"], "name": d["name"], "from": record["sender"],
+                 "to": d["to"], "state": d["state"], "attempts": d["attempts"],
+                 "history": [orjson.loads(value) for _, value in rows]}
+        if with_record:
+            trace["record"] = record
+        return trace
+
+    def dead_letters(self, limit: int) -> tuple[list[dict], int]:
+        """Up to ``limit`` dead letters in (partition, offset) order, and the total.
+
+        ``dead_since_ms`` costs one point read each: while an event is dead its
+        last audit row is the ``dead-lettered`` one, so no history scan is needed.
+        """
+        assert limit > 0
+
+        with self.broker.lock:
+            dead = self.broker.state.dead
+            chosen = heapq.nsmallest(limit, dead.values(), key=lambda e: (e.p, e.off))
+            rows = [self._dead_letter_row(ev) for ev in chosen]
+            return rows, len(dead)
+
+    def _dead_letter_row(self, ev) -> dict:
+        row = {"idem": schema.idem_of(ev.p, ev.off), "name": ev.name, "to": ev.app,
+               "attempts": ev.attempts}
+        if ev.hist == 0:  # stored before events had audit rows
+            return row
+        last = self.broker.store.get(schema.history_key(ev.p, ev.off, ev.hist - 1))
+        if last is not None:
+            audit = orjson.loads(last)
+            if audit.get("what") == "dead-lettered":
+                row["dead_since_ms"] = audit["at"]
+        return row
+
+    def sessions_view(self, now: int, limit: int) -> tuple[list[dict], int]:
+        """Connected sessions (oldest first), then recently closed ones (newest first).
+
+        ``now`` is this node's wall clock; ``last_active_ms`` is log time, stamped
+        by the proposing node's wall clock, so the two compare on synced clocks.
+        """
+        assert limit > 0
+
+        with self.broker.lock:
+            state = self.broker.state
+            held = collections.Counter(sid for sid, _ in state.inflight)
+            live = heapq.nsmallest(limit, state.sessions.items(),
+                                   key=lambda kv: (kv[1].opened_ms, kv[0]))
+            rows = [self._live_session_row(sid, s, held[sid], now) for sid, s in live]
+            closed = itertools.islice(reversed(state.closed_sessions), limit - len(rows))
+            rows += [self._closed_session_row(c) for c in closed]
+            total = len(state.sessions) + len(state.closed_sessions)
+        return rows, total
+
+    def _app_name(self, app: str) -> str | None:
+        return self.broker.state.apps.get(app, {}).get("name")
+
+    def _live_session_row(self, sid: str, s, in_flight: int, now: int) -> dict:
+        recent = now - s.last_active_ms <= self.cfg.idle_after_ms
+        return {"client_id": sid, "app": s.app, "app_name": self._app_name(s.app),
+                "node": s.node, "status": "active" if in_flight or recent else "idle",
+                "in_flight": in_flight, "opened_ms": s.opened_ms,
+                "last_active_ms": s.last_active_ms}
+
+    def _closed_session_row(self, c) -> dict:
+        return {"client_id": c.sid, "app": c.app, "app_name": self._app_name(c.app),
+                "node": c.node, "status": "disconnected", "in_flight": 0,
+                "opened_ms": c.opened_ms,
+                "last_active_ms": getattr(c, "last_active_ms", None),
+                "closed_ms": c.closed_ms, "reason": c.reason}
 
 
 async def _send_quietly(ws, text: str) -> None:

@@ -16,6 +16,8 @@ issue can move a range of partitions to another Raft group by prefix.
     u/<app id>;<key>          idem of a recent publish with that idempotency key
     q/<app id>;<name>;<rank>  index of pending events, in delivery order (queues.py)
     x/<p:04x>/<off:012x>      index of events held in memory: in flight, deferred, dead
+    f/<ms:012x>/<p>/<off>     finished events by finish time: records to compact
+    g/<ms:012x>/<p>/<off>     compacted events by finish time: history to forget
     h/<p:04x>/<off:012x>/<n:04x>  audit trail of one event, row n
     e/<p:04x>/<off:012x>      event record as published (payload, metadata, ...)
     d/<p:04x>/<off:012x>      delivery state of that event (state, session, attempts)
@@ -72,6 +74,20 @@ def batch_key(batch_id: str) -> bytes:
 
 def publish_key(app_id: str, dedup_key: str) -> bytes:
     return b"u/" + app_id.encode() + b";" + dedup_key.encode()
+
+
+def finished_key(finished_ms: int, p: int, off: int) -> bytes:
+    return b"f/%012x/%04x/%012x" % (finished_ms, p, off)
+
+
+def forget_key(finished_ms: int, p: int, off: int) -> bytes:
+    return b"g/%012x/%04x/%012x" % (finished_ms, p, off)
+
+
+def parse_time_index(key: bytes) -> tuple[int, int, int]:
+    """(finished_ms, p, off) of an ``f/`` or ``g/`` key."""
+    _, ts, p, off = key.split(b"/")
+    return int(ts, 16), int(p, 16), int(off, 16)
 
 
 def resident_key(p: int, off: int) -> bytes:

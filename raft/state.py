@@ -53,8 +53,9 @@ INFLIGHT = "inflight"    # pushed to one session, waiting for its answer
 DEFERRED = "deferred"    # out of the queue until due_ms (DEFER, scheduled publish)
 ACKED = "acked"          # done; kept in RocksDB for audit and REPLAY
 DISCARDED = "discarded"  # never delivered again; kept for audit and REPLAY
+EXPIRED = "expired"      # waited longer than the retention without delivery
 DEAD = "dead"            # over the delivery limit: in the dead-letter queue
-FINISHED = (ACKED, DISCARDED)
+FINISHED = (ACKED, DISCARDED, EXPIRED)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Event:
     priority: int = 1
     due_ms: int = 0
     hist: int = 0  # audit rows written so far
+    born_ms: int = 0  # log time of the publish
 
     def rank(self) -> tuple[int, int]:
         """Queue order: higher priority first, then commit order."""
@@ -258,7 +260,8 @@ class BrokerState:
     def _make_event(self, p: int, off: int, d: dict) -> Event:
         return Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
                      d.get("pattern"), d["attempts"], d.get("deadline_ms", 0),
-                     d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0))
+                     d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0),
+                     d.get("born_ms", 0))
 
     def _pending_event(self, key: tuple[int, int]) -> Event | None:
         """A pending event, from memory or, outside the window, from RocksDB."""
@@ -426,7 +429,7 @@ class BrokerState:
                   "loggedAt": self.clock_ms, "payload": op["payload"],
                   "metadata": op["metadata"], "sender": op["from"]}
 
-        ev = Event(p, off, op["to"], op["name"])
+        ev = Event(p, off, op["to"], op["name"], born_ms=self.clock_ms)
         self.events[(p, off)] = ev
         self._audit(ev, "published", out, by=op["from"], node=op.get("node"),
                     sid=op.get("sid"))
@@ -621,9 +624,47 @@ class BrokerState:
     def _finish(self, ev: Event, state: str, out: Applied, **fields) -> None:
         self._release_slot(ev)
         del self.events[(ev.p, ev.off)]
+        self._finished(ev, state, out, **fields)
+
+    def _finished(self, ev: Event, state: str, out: Applied, **fields) -> None:
         ev.state = state
         self._audit(ev, state, out, **fields)
         self._write_delivery(ev, out)
+        # Retention: the record goes after ``compact``, the history after ``forget``.
+        out.writes[schema.finished_key(self.clock_ms, ev.p, ev.off)] = b""
+
+    def _op_expire(self, op: dict, out: Applied) -> dict:
+        """Leader: a pending event waited longer than the retention."""
+        key = (op["p"], op["off"])
+        self.planned.pop(key, None)
+        ev = self._pending_event(key)
+        if ev is None or ev.born_ms + op["retention_ms"] > self.clock_ms:
+            return _fail("STALE", "event is not pending past its retention")
+        self._dequeue(ev, out)
+        self.events.pop(key, None)
+        self._finished(ev, EXPIRED, out, retention_ms=op["retention_ms"])
+        return {"ok": True}
+
+    def _op_compact(self, op: dict, out: Applied) -> dict:
+        """Leader: drop the records of events finished before ``before_ms``."""
+        for finished_ms, p, off in op["items"]:
+            out.writes[schema.finished_key(finished_ms, p, off)] = None
+            out.writes[schema.event_key(p, off)] = None
+            out.writes[schema.forget_key(finished_ms, p, off)] = b""
+        return {"ok": True, "count": len(op["items"])}
+
+    def _op_forget(self, op: dict, out: Applied) -> dict:
+        """Leader: drop the delivery state and history of long-finished events."""
+        assert self.reader is not None, "forget needs the store"
+        for finished_ms, p, off in op["items"]:
+            out.writes[schema.forget_key(finished_ms, p, off)] = None
+            raw = self.reader.get(schema.delivery_key(p, off))
+            if raw is None:
+                continue
+            for n in range(orjson.loads(raw).get("hist", 0)):
+                out.writes[schema.history_key(p, off, n)] = None
+            out.writes[schema.delivery_key(p, off)] = None
+        return {"ok": True, "count": len(op["items"])}
 
     def _defer(self, ev: Event, due_ms: int, priority: int, reason: str,
                out: Applied) -> None:
@@ -659,7 +700,8 @@ class BrokerState:
 
     def _write_delivery(self, ev: Event, out: Applied) -> None:
         d = {"to": ev.app, "name": ev.name, "state": ev.state,
-             "attempts": ev.attempts, "priority": ev.priority, "hist": ev.hist}
+             "attempts": ev.attempts, "priority": ev.priority, "hist": ev.hist,
+             "born_ms": ev.born_ms}
         if ev.state == INFLIGHT:
             d.update(sid=ev.sid, pattern=ev.pattern, deadline_ms=ev.deadline_ms)
         elif ev.state == DEFERRED:
@@ -753,6 +795,24 @@ class BrokerState:
                 best = ev
         return best
 
+    def plan_expiry(self, now_ms: int, retention_ms: int, ops_max: int) -> list[dict]:
+        """Leader: expire queue heads older than the retention (oldest first per
+        queue in commit order; a newer high-priority head defers the check)."""
+        ops = []
+        for queues in self.queues.values():
+            for queue in queues.values():
+                if len(ops) >= ops_max:
+                    return ops
+                if queue.pending <= 0:
+                    continue
+                ev = queue.head(self.events, self.planned, self.reader,
+                                self._make_event)
+                if ev is not None and ev.born_ms + retention_ms <= now_ms:
+                    self.planned[(ev.p, ev.off)] = now_ms
+                    ops.append({"op": "expire", "p": ev.p, "off": ev.off,
+                                "retention_ms": retention_ms, "ts": now_ms})
+        return ops
+
     def forget_plans(self) -> None:
         """Called when this node stops leading: its pending plans mean nothing."""
         self.planned.clear()
@@ -797,4 +857,7 @@ _HANDLERS = {
     "pause": BrokerState._op_pause,
     "release": BrokerState._op_release,
     "dlq_requeue": BrokerState._op_dlq_requeue,
+    "expire": BrokerState._op_expire,
+    "compact": BrokerState._op_compact,
+    "forget": BrokerState._op_forget,
 }

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from node.ctl import Probe, Target, health_line, render_table, summarize
+from node.ctl import (
+    Probe,
+    Target,
+    bash_completion,
+    build_parser,
+    health_line,
+    render_dead_letters,
+    render_sessions,
+    render_table,
+    render_trace,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CTL_TIMEOUT_S = 60
@@ -147,6 +158,102 @@ def test_table_columns_line_up():
     assert text.splitlines() == ["node  role", "n1    leader", "n10   -"]
 
 
+TRACE = {
+    "idem": "evt-0003-000000000007",
+    "name": "order/created",
+    "from": "sender-app",
+    "to": "receiver-app",
+    "state": "acked",
+    "attempts": 1,
+    "history": [
+        {"what": "published", "at": 1_700_000_000_000, "by": "sender-app"},
+        {"what": "committed", "at": 1_700_000_000_002, "index": 42},
+        {"what": "delivered", "at": 1_700_000_000_010, "sid": "n2.ab.1",
+         "node": "n2", "attempt": 1},
+        {"what": "acked", "at": 1_700_000_000_250, "sid": "n2.ab.1"},
+    ],
+}
+
+
+def test_trace_renders_a_header_then_one_timeline_row_per_audit_row():
+    lines = render_trace(TRACE).splitlines()
+
+    assert lines[0] == "evt-0003-000000000007  order/created  state acked, attempts 1"
+    assert lines[3].split() == ["time", "(UTC)", "what", "details"]
+    assert lines[4].split()[:3] == ["2023-11-14", "22:13:20.000", "published"]
+    assert lines[6].split()[2:] == ["delivered", "sid=n2.ab.1", "node=n2", "attempt=1"]
+    assert [line.split()[2] for line in lines[4:]] == [
+        "published", "committed", "delivered", "acked"]
+
+
+def test_dead_letter_show_adds_the_payload_and_metadata():
+    record = {"payload": "cG9pc29u", "metadata": {"k": "v"}}
+
+    lines = render_trace({**TRACE, "state": "dead", "record": record}).splitlines()
+
+    assert "payload  cG9pc29u" in lines
+    assert 'metadata {"k": "v"}' in lines
+
+
+def test_dead_letter_list_says_when_it_shows_only_part_of_the_queue():
+    letter = {"idem": "evt-0001-000000000001", "name": "a/b", "to": "app",
+              "attempts": 2, "dead_since_ms": 1_700_000_000_123}
+
+    text = render_dead_letters({"dead_letters": [letter], "total": 5})
+    empty = render_dead_letters({"dead_letters": [], "total": 0})
+
+    assert text.splitlines()[1].split() == [
+        "evt-0001-000000000001", "a/b", "app", "2", "2023-11-14", "22:13:20.123"]
+    assert text.splitlines()[-1] == "showing 1 of 5; raise --limit for more"
+    assert empty == "no dead letters"
+
+
+def test_sessions_table_names_the_app_and_dashes_what_a_live_session_lacks():
+    live = {"client_id": "n1.x.1", "app": "id1", "app_name": "billing", "node": "n1",
+            "status": "idle", "in_flight": 0, "opened_ms": 0, "last_active_ms": 0}
+    gone = {**live, "client_id": "n1.x.2", "status": "disconnected",
+            "closed_ms": 1000, "reason": "client closed", "last_active_ms": None}
+
+    lines = render_sessions({"sessions": [live, gone]}).splitlines()
+
+    assert lines[1].split()[:5] == ["n1.x.1", "billing", "n1", "idle", "0"]
+    assert lines[1].split()[-2:] == ["-", "-"]
+    assert lines[2].split()[-2:] == ["client", "closed"]
+
+
+def complete(words: list[str]) -> list[str]:
+    """Candidates our bash completion offers after ``words`` (last one partial)."""
+    script = bash_completion(build_parser())
+    line = " ".join(repr(word) for word in ["ensyncctl", *words])
+    probe = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words)}\n"
+             "_ensyncctl; printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    result = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe],
+                            capture_output=True, text=True, timeout=CTL_TIMEOUT_S,
+                            check=True)
+    return sorted(filter(None, result.stdout.splitlines()))
+
+
+def test_completion_script_is_valid_bash():
+    result = run_ctl("completion", "bash")
+
+    assert result.returncode == 0, result.stderr
+    check = subprocess.run(["bash", "-n"], input=result.stdout, text=True,
+                           capture_output=True, timeout=CTL_TIMEOUT_S, check=False)
+    assert check.returncode == 0, check.stderr
+    assert result.stdout.rstrip().endswith("complete -F _ensyncctl ensyncctl")
+
+
+def test_completion_offers_commands_subcommands_and_flags():
+    assert complete([""]) == sorted(
+        ["--cluster", "--help", "--timeout-ms", "--token", "--url", "completion",
+         "dlq", "keys", "sessions", "status", "trace"])
+    assert complete(["dlq", ""])[-3:] == ["list", "requeue", "show"]
+    assert "--limit" in complete(["dlq", "list", "--"])
+    assert complete(["--token", "t", "tr"]) == ["trace"]
+    assert complete(["trace", "evt-0000-1", "--j"]) == ["--json"]
+    assert complete(["--url", ""]) == []
+
+
 # -- errors that need no cluster -------------------------------------------
 
 
@@ -169,6 +276,32 @@ def test_bad_arguments_are_one_line_error():
 
     line = assert_one_line_error(result)
     assert "--send" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["dlq"], "action"),
+        (["dlq", "list", "--limit", "0"], "--limit"),
+        (["trace"], "IDEM"),
+        (["completion", "zsh"], "zsh"),
+    ],
+)
+def test_bad_delivery_arguments_are_one_line_error(args, word):
+    line = assert_one_line_error(run_ctl(*args))
+
+    assert word in line
+
+
+@pytest.mark.parametrize(
+    "args", [["trace", "evt-0000-1"], ["dlq", "list"], ["dlq", "requeue", "x"],
+             ["sessions"]]
+)
+def test_delivery_commands_with_no_node_reachable_are_one_line_error(args):
+    result = run_ctl("--url", "127.0.0.1:1", "--token", "t", *args)
+
+    line = assert_one_line_error(result)
+    assert "no node reachable" in line
 
 
 # -- against a real cluster -------------------------------------------------

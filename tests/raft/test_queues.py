@@ -100,3 +100,31 @@ def test_a_restarted_state_loads_counts_not_events_and_refills_in_order():
     assert loaded.statistics().pending_events == 300
     assert len(loaded.events) == 0
     assert drain_in_order(loaded, db, 300) == list(range(1, 301))
+
+
+def test_retention_expires_old_heads_then_compacts_records_then_forgets_history():
+    from raft import schema
+
+    db = DictReader()
+    state = setup(db)
+    publish_many(state, db, 3)  # born at log time 5
+    p = schema.partition_of("A")
+
+    assert state.plan_expiry(now_ms=1004, retention_ms=1000, ops_max=10) == []
+    ops = state.plan_expiry(now_ms=1005, retention_ms=1000, ops_max=10)
+    assert [op["off"] for op in ops] == [1]  # one head per queue per round
+    assert run(state, db, *ops) == [{"ok": True}]
+    assert state.statistics().pending_events == 2
+    assert db.get(schema.event_key(p, 1)) is not None
+
+    finished = db.scan(b"f/", b"f/", None)
+    assert [schema.parse_time_index(k)[1:] for k in finished] == [(p, 1)]
+    item = list(schema.parse_time_index(finished[0]))
+    run(state, db, {"op": "compact", "items": [item], "ts": 2000})
+    assert db.get(schema.event_key(p, 1)) is None
+    assert db.get(schema.history_key(p, 1, 0)) is not None
+
+    run(state, db, {"op": "forget", "items": [item], "ts": 3000})
+    assert db.get(schema.delivery_key(p, 1)) is None
+    assert db.scan(schema.history_prefix(p, 1), schema.history_prefix(p, 1), None) == []
+    assert db.scan(b"g/", b"g/", None) == []
