@@ -41,7 +41,7 @@ from raft.queues import Queue, index_key, parse_index_key
 # A proposer that got no answer resubmits the same batch under the same id. Apply
 # answers a repeat from this table instead of applying it twice. Entries leave the
 # table by log time, so every replica drops the same ones.
-BATCH_DEDUP_WINDOW_MS = 60_000
+BATCH_DEDUP_WINDOW_MS = 30_000
 
 # Defaults used when an op does not carry its own (older proposers).
 DELIVERY_LIMIT_DEFAULT = 20
