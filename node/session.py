@@ -38,6 +38,8 @@ PUSH_HOLD_AFTER_SUB_MS = 200
 # Event names and subscription patterns: printable ASCII, no spaces or ';'.
 EVENT_NAME_BYTES_MAX = 256
 _EVENT_NAME = re.compile(r"[!-:<-~]{1,%d}\Z" % EVENT_NAME_BYTES_MAX)
+# SUB ... ;ACK_TIMEOUT_MS=<ms> (ours): at most a day.
+ACK_TIMEOUT_MS_MAX = 86_400_000
 # DEFER (spec 3.8): DELAY defaults to 60 s; at most a day.
 DEFER_DELAY_MS_DEFAULT = 60_000
 DEFER_DELAY_MS_MAX = 86_400_000
@@ -209,7 +211,12 @@ class Connection:
                                   "PERMISSION_DENIED")
         loop = asyncio.get_running_loop()
         self.sub_ready_at[pattern] = loop.time() + PUSH_HOLD_AFTER_SUB_MS / 1000
-        await self.node.commit({"op": "sub", "sid": self.sid, "pattern": pattern})
+        op = {"op": "sub", "sid": self.sid, "pattern": pattern}
+        # Ours: a per-subscription ack timeout; the SDK never sends it.
+        ack_timeout_ms = _int_param(req, "ACK_TIMEOUT_MS", 0, 1000, ACK_TIMEOUT_MS_MAX)
+        if ack_timeout_ms:
+            op["ack_timeout_ms"] = ack_timeout_ms
+        await self.node.commit(op)
         self.sub_ready_at[pattern] = loop.time() + PUSH_HOLD_AFTER_SUB_MS / 1000
         return protocol.passed("SUBSCRIBED", EVENT_NAME=pattern)
 

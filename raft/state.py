@@ -86,6 +86,8 @@ class Session:
     boot: str
     opened_ms: int
     subs: dict[str, bool] = field(default_factory=dict)  # pattern -> paused
+    # pattern -> ack timeout chosen at SUB; absent: the node's default
+    ack_timeouts_ms: dict[str, int] = field(default_factory=dict)
     last_active_ms: int = 0  # log time of its last delivery or answer
 
 
@@ -195,7 +197,7 @@ class BrokerState:
             elif prefix == b"s/":
                 self._add_session(key[2:].decode(), orjson.loads(value))
             elif prefix == b"b/":
-                subs.append((key[2:].decode(), orjson.loads(value)["paused"]))
+                subs.append((key[2:].decode(), orjson.loads(value)))
             elif prefix == b"d/" and self.reader is None:
                 self._load_delivery(key, orjson.loads(value))
             elif prefix == b"x/" and self.reader is not None:
@@ -220,9 +222,11 @@ class BrokerState:
                 self.publish_keys[(item[0], item[1])] = (ts, item[2])
             else:
                 self.batches[kind] = (ts, item)
-        for sid_pattern, paused in subs:
+        for sid_pattern, sub in subs:
             sid, _, pattern = sid_pattern.partition("/")
-            self.sessions[sid].subs[pattern] = paused
+            self.sessions[sid].subs[pattern] = sub["paused"]
+            if sub.get("ack_timeout_ms"):
+                self.sessions[sid].ack_timeouts_ms[pattern] = sub["ack_timeout_ms"]
         if self.reader is not None:
             self._load_queue_counts()
         self.dirty_apps = set(self.apps)
@@ -389,7 +393,11 @@ class BrokerState:
         if op["pattern"] not in session.subs:
             session.subs[op["pattern"]] = False
             key = schema.sub_key(op["sid"], op["pattern"])
-            out.writes[key] = orjson.dumps({"paused": False})
+            sub = {"paused": False}
+            if op.get("ack_timeout_ms"):
+                sub["ack_timeout_ms"] = op["ack_timeout_ms"]
+                session.ack_timeouts_ms[op["pattern"]] = op["ack_timeout_ms"]
+            out.writes[key] = orjson.dumps(sub)
             self.dirty_apps.add(session.app)
         return {"ok": True}
 
@@ -535,8 +543,10 @@ class BrokerState:
                 return _fail("ALREADY_PAUSED", "subscription is paused")
             return _fail("NOT_PAUSED", "subscription is not paused")
         session.subs[op["pattern"]] = op["paused"]
-        out.writes[schema.sub_key(op["sid"], op["pattern"])] = orjson.dumps(
-            {"paused": op["paused"]})
+        sub = {"paused": op["paused"]}
+        if op["pattern"] in session.ack_timeouts_ms:
+            sub["ack_timeout_ms"] = session.ack_timeouts_ms[op["pattern"]]
+        out.writes[schema.sub_key(op["sid"], op["pattern"])] = orjson.dumps(sub)
         self.dirty_apps.add(session.app)
         return {"ok": True}
 
@@ -767,7 +777,8 @@ class BrokerState:
             sids.append(sids.pop(0))
 
         for sid in list(sids):
-            for pattern, paused in self.sessions[sid].subs.items():
+            session = self.sessions[sid]
+            for pattern, paused in session.subs.items():
                 if paused or (sid, pattern) in self.inflight:
                     continue
                 if (sid, pattern) in self.planned_slots:
@@ -779,7 +790,8 @@ class BrokerState:
                     return False
                 ops.append({"op": "assign", "p": ev.p, "off": ev.off, "sid": sid,
                             "pattern": pattern, "term": term, "ts": now_ms,
-                            "deadline_ms": now_ms + ack_timeout_ms})
+                            "deadline_ms": now_ms + session.ack_timeouts_ms.get(
+                                pattern, ack_timeout_ms)})
                 self.planned[(ev.p, ev.off)] = now_ms
         return True
 

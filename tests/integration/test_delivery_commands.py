@@ -229,3 +229,21 @@ async def test_wildcard_subscription_gets_the_real_event_name(pair):
     await publish(publisher, to, "w", name="job/deep/er")
     record = await next_record(consumer)
     assert record["name"] == "job/deep/er"
+
+
+async def test_a_subscription_can_choose_its_own_ack_timeout(pair):
+    publisher, consumer, to, _ = pair
+    reply = await consumer.send(f"SUB;CLIENT_ID=:{consumer.client_id};"
+                                f"EVENT_NAME=:job/run;ACK_TIMEOUT_MS=:30000")
+    assert reply == "SUBSCRIBED;EVENT_NAME=job/run"
+    idem = await publish(publisher, to, "slow")
+    record = await next_record(consumer)
+    assert record["idem"] == idem
+
+    # The cluster's default (1.5 s) would have redelivered by now.
+    assert await nothing_pushed(consumer, ACK_TIMEOUT_MS / 1000 + 1.5)
+    await consumer.ack(record["idem"], record["block"])
+
+    with pytest.raises(ClientError, match="INVALID_PARAMETER"):
+        await consumer.send(f"SUB;CLIENT_ID=:{consumer.client_id};"
+                            f"EVENT_NAME=:job/x;ACK_TIMEOUT_MS=:5")
