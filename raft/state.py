@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from raft import schema
+from raft.planning import Planning
 from raft.queues import Queue, index_key, parse_index_key
 
 # A proposer that got no answer resubmits the same batch under the same id. Apply
@@ -145,7 +146,7 @@ def _limit(op: dict) -> int:
     return op.get("delivery_limit", DELIVERY_LIMIT_DEFAULT)
 
 
-class BrokerState:
+class BrokerState(Planning):
     """The replicated state; ``reader`` reads this node's RocksDB (get, scan).
 
     Without a reader every pending event stays in memory (the core's tests);
@@ -720,127 +721,6 @@ class BrokerState:
         # States that live in memory are indexed, so a restart finds them fast.
         resident = ev.state in (INFLIGHT, DEFERRED, DEAD)
         out.writes[schema.resident_key(ev.p, ev.off)] = b"" if resident else None
-
-    # -- planning (leader only) ---------------------------------------------------
-
-    def plan(self, now_ms: int, term: int, ack_timeout_ms: int,
-             ops_max: int) -> list[dict]:
-        """Delivery decisions for the leader to propose; pure over applied state."""
-        assert ops_max > 0
-
-        ops = self._plan_timeouts(now_ms, term, ops_max)
-        ops += self._plan_releases(now_ms, ops_max - len(ops))
-        for app in list(self.dirty_apps):
-            if len(ops) >= ops_max:
-                break
-            if self._plan_app(app, now_ms, term, ack_timeout_ms, ops, ops_max):
-                self.dirty_apps.discard(app)
-        for op in ops:
-            if op["op"] == "assign":
-                self.planned[(op["p"], op["off"])] = now_ms
-                self.planned_slots[(op["sid"], op["pattern"])] = now_ms
-        return ops
-
-    def _plan_timeouts(self, now_ms: int, term: int, ops_max: int) -> list[dict]:
-        ops = []
-        for key in self.inflight.values():
-            ev = self.events[key]
-            if ev.deadline_ms <= now_ms and len(ops) < ops_max:
-                ops.append({"op": "requeue", "p": ev.p, "off": ev.off,
-                            "attempt": ev.attempts, "term": term, "ts": now_ms,
-                            "reason": "ack timeout"})
-        return ops
-
-    def _plan_releases(self, now_ms: int, ops_max: int) -> list[dict]:
-        ops = []
-        while self.deferred and len(ops) < ops_max:
-            due_ms, p, off = self.deferred[0]
-            ev = self.events.get((p, off))
-            if ev is None or ev.state != DEFERRED or ev.due_ms != due_ms:
-                heapq.heappop(self.deferred)  # stale: already released or moved
-                continue
-            if due_ms > now_ms or (p, off) in self.planned:
-                break
-            ops.append({"op": "release", "p": p, "off": off, "ts": now_ms})
-            self.planned[(p, off)] = now_ms
-        return ops
-
-    def _plan_app(self, app: str, now_ms: int, term: int, ack_timeout_ms: int,
-                  ops: list[dict], ops_max: int) -> bool:
-        """Fill free slots of one app; True when nothing is left to plan there."""
-        queues = self.queues.get(app)
-        if not queues:
-            return True
-        sids = self.app_sessions.get(app, [])
-        # Rotate so that competing consumers take turns.
-        if sids:
-            sids.append(sids.pop(0))
-
-        for sid in list(sids):
-            session = self.sessions[sid]
-            for pattern, paused in session.subs.items():
-                if paused or (sid, pattern) in self.inflight:
-                    continue
-                if (sid, pattern) in self.planned_slots:
-                    continue
-                ev = self._next_pending(app, queues, pattern)
-                if ev is None:
-                    continue
-                if len(ops) >= ops_max:
-                    return False
-                ops.append({"op": "assign", "p": ev.p, "off": ev.off, "sid": sid,
-                            "pattern": pattern, "term": term, "ts": now_ms,
-                            "deadline_ms": now_ms + session.ack_timeouts_ms.get(
-                                pattern, ack_timeout_ms)})
-                self.planned[(ev.p, ev.off)] = now_ms
-        return True
-
-    def _next_pending(self, app: str, queues: dict[str, Queue], pattern: str):
-        """The pending, unplanned event of the app with the smallest rank that
-        ``pattern`` matches."""
-        best = None
-        for name, queue in queues.items():
-            if not schema.matches(pattern, name) or queue.pending <= 0:
-                continue
-            ev = queue.head(self.events, self.planned, self.reader, self._make_event)
-            if ev is not None and (best is None or ev.rank() < best.rank()):
-                best = ev
-        return best
-
-    def plan_expiry(self, now_ms: int, retention_ms: int, ops_max: int) -> list[dict]:
-        """Leader: expire queue heads older than the retention (oldest first per
-        queue in commit order; a newer high-priority head defers the check)."""
-        ops = []
-        for queues in self.queues.values():
-            for queue in queues.values():
-                if len(ops) >= ops_max:
-                    return ops
-                if queue.pending <= 0:
-                    continue
-                ev = queue.head(self.events, self.planned, self.reader,
-                                self._make_event)
-                if ev is not None and ev.born_ms + retention_ms <= now_ms:
-                    self.planned[(ev.p, ev.off)] = now_ms
-                    ops.append({"op": "expire", "p": ev.p, "off": ev.off,
-                                "retention_ms": retention_ms, "ts": now_ms})
-        return ops
-
-    def forget_plans(self) -> None:
-        """Called when this node stops leading: its pending plans mean nothing."""
-        self.planned.clear()
-        self.planned_slots.clear()
-        self.dirty_apps = set(self.apps)
-
-    def expire_plans(self, now_ms: int, age_ms_max: int) -> None:
-        """Drop plans whose assign never came back (a lost proposal)."""
-        for table in (self.planned, self.planned_slots):
-            for key, at in list(table.items()):
-                if now_ms - at > age_ms_max:
-                    del table[key]
-                    self.dirty_apps.update(self.apps)
-
-    def nodes_with_sessions(self) -> set[str]:
-        return {s.node for s in self.sessions.values()}
 
     def statistics(self) -> StateStatistics:
         subs = sum(len(s.subs) for s in self.sessions.values())
