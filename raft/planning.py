@@ -16,8 +16,7 @@ import heapq
 
 from raft import schema
 
-PENDING = "pending"
-DEFERRED = "deferred"
+from raft.schema import DEFERRED
 
 
 class Planning:

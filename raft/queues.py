@@ -81,7 +81,7 @@ class Queue:
                 continue
             rank = self.heap[0]
             ev = events.get((self.p, rank[1]))
-            if ev is None or ev.state != "pending" or ev.rank() != rank:
+            if ev is None or ev.state != schema.PENDING or ev.rank() != rank:
                 heapq.heappop(self.heap)
                 continue
             if (self.p, ev.off) in planned:
@@ -112,7 +112,7 @@ class Queue:
     def _trim(self, events: dict, planned: dict) -> None:
         live = sorted({r for r in self.heap
                        if (ev := events.get((self.p, r[1]))) is not None
-                       and ev.state == "pending" and ev.rank() == r})
+                       and ev.state == schema.PENDING and ev.rank() == r})
         keep, drop = live[:QUEUE_WINDOW_EVENTS], live[QUEUE_WINDOW_EVENTS:]
         for rank in drop:
             if (self.p, rank[1]) not in planned:

@@ -35,6 +35,16 @@ PARTITIONS_COUNT = 64
 # ``partition % RAFT_GROUPS_COUNT``; the multi-group issue raises this value.
 RAFT_GROUPS_COUNT = 1
 
+# The states of one event (docs/ARCHITECTURE.md, "Delivery state machine").
+PENDING = "pending"      # queued, waiting for a free slot
+INFLIGHT = "inflight"    # pushed to one session, waiting for its answer
+DEFERRED = "deferred"    # out of the queue until due_ms (DEFER, scheduled publish)
+ACKED = "acked"          # done; kept in RocksDB for audit and REPLAY
+DISCARDED = "discarded"  # never delivered again; kept for audit and REPLAY
+EXPIRED = "expired"      # waited longer than the retention without delivery
+DEAD = "dead"            # over the delivery limit: in the dead-letter queue
+FINISHED = (ACKED, DISCARDED, EXPIRED)
+
 APPLIED = b"m/applied"
 FENCE = b"m/fence"
 CLOCK = b"m/clock"

@@ -38,6 +38,8 @@ import orjson
 from raft import schema
 from raft.planning import Planning
 from raft.queues import Queue, index_key, parse_index_key
+from raft.schema import (ACKED, DEAD, DEFERRED, DISCARDED, EXPIRED, FINISHED,
+                         INFLIGHT, PENDING)
 
 # A proposer that got no answer resubmits the same batch under the same id. Apply
 # answers a repeat from this table instead of applying it twice. Entries leave the
@@ -48,15 +50,6 @@ BATCH_DEDUP_WINDOW_MS = 30_000
 DELIVERY_LIMIT_DEFAULT = 20
 PUBLISH_DEDUP_WINDOW_MS_DEFAULT = 120_000
 
-# The states of one event (docs/ARCHITECTURE.md, "Delivery state machine").
-PENDING = "pending"      # queued, waiting for a free slot
-INFLIGHT = "inflight"    # pushed to one session, waiting for its answer
-DEFERRED = "deferred"    # out of the queue until due_ms (DEFER, scheduled publish)
-ACKED = "acked"          # done; kept in RocksDB for audit and REPLAY
-DISCARDED = "discarded"  # never delivered again; kept for audit and REPLAY
-EXPIRED = "expired"      # waited longer than the retention without delivery
-DEAD = "dead"            # over the delivery limit: in the dead-letter queue
-FINISHED = (ACKED, DISCARDED, EXPIRED)
 
 
 @dataclass
