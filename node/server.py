@@ -115,8 +115,13 @@ class Node:
     # -- state access (loop thread) -------------------------------------------------
 
     def app_for_key(self, access_key: str) -> str | None:
+        """The app of an enabled access key, or None."""
         with self.broker.lock:
-            return self.broker.state.key_hashes.get(schema.hash_access_key(access_key))
+            state = self.broker.state
+            app = state.key_hashes.get(schema.hash_access_key(access_key))
+            if app is None or state.apps[app].get("disabled"):
+                return None
+            return app
 
     def app_record(self, app_id: str | None) -> dict | None:
         with self.broker.lock:

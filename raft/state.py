@@ -325,12 +325,42 @@ class BrokerState(Planning):
         out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
         return {"ok": True, "app_id": op["app_id"]}
 
+    def _op_key_disable(self, op: dict, out: Applied) -> dict:
+        """Disable (or enable) an app's key; its open sessions close at once."""
+        rec = self.apps.get(op["app_id"])
+        if rec is None:
+            return _fail("NOT_FOUND", "no such app")
+        rec["disabled"] = op["disabled"]
+        out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
+        if op["disabled"]:
+            for sid in list(self.app_sessions.get(op["app_id"], [])):
+                self._close_session(sid, "key disabled", out)
+        return {"ok": True}
+
+    def _op_key_rotate(self, op: dict, out: Applied) -> dict:
+        """Replace an app's access key; sessions opened with the old one close."""
+        rec = self.apps.get(op["app_id"])
+        if rec is None:
+            return _fail("NOT_FOUND", "no such app")
+        if op["key_hash"] in self.key_hashes:
+            return _fail("KEY_EXISTS", "key exists")
+        self.key_hashes.pop(rec["key_hash"], None)
+        out.writes[schema.key_hash_key(rec["key_hash"])] = None
+        rec["key_hash"] = op["key_hash"]
+        rec["rotated_ms"] = self.clock_ms
+        self.key_hashes[op["key_hash"]] = op["app_id"]
+        out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
+        out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
+        for sid in list(self.app_sessions.get(op["app_id"], [])):
+            self._close_session(sid, "key rotated", out)
+        return {"ok": True}
+
     def _op_barrier(self, op: dict, out: Applied) -> dict:
         return {"ok": True}
 
     def _op_session_open(self, op: dict, out: Applied) -> dict:
-        if op["app"] not in self.apps:
-            return _fail("UNAUTHORIZED", "unknown app")
+        if op["app"] not in self.apps or self.apps[op["app"]].get("disabled"):
+            return _fail("UNAUTHORIZED", "unknown or disabled key")
         if op["sid"] in self.sessions:
             return {"ok": True}
 
@@ -726,6 +756,8 @@ class BrokerState(Planning):
 _HANDLERS = {
     "barrier": BrokerState._op_barrier,
     "key_create": BrokerState._op_key_create,
+    "key_disable": BrokerState._op_key_disable,
+    "key_rotate": BrokerState._op_key_rotate,
     "session_open": BrokerState._op_session_open,
     "session_close": BrokerState._op_session_close,
     "node_boot": BrokerState._op_node_boot,

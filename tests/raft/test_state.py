@@ -805,3 +805,38 @@ def test_dedup_entries_expire_by_log_time_on_every_replica_alike():
 
     assert later.writes[b"r/old"] is None
     assert list(state.batches) == ["new"]
+
+
+# -- keys: disable and rotate ------------------------------------------------------
+
+
+def test_disabling_a_key_closes_its_sessions_and_refuses_new_ones():
+    state = BrokerState()
+    state.apply([{"op": "key_create", "name": "a", "key_hash": "h1", "app_id": "A",
+                  "send": ["*"], "receive": ["*"], "ts": 1},
+                 {"op": "session_open", "sid": "s1", "app": "A", "node": "n1",
+                  "boot": "b", "ts": 1}])
+
+    applied = state.apply([{"op": "key_disable", "app_id": "A", "disabled": True,
+                            "ts": 2},
+                           {"op": "session_open", "sid": "s2", "app": "A",
+                            "node": "n1", "boot": "b", "ts": 2}])
+
+    assert applied.results[1]["error"] == "UNAUTHORIZED"
+    assert "s1" not in state.sessions
+    assert [e.sid for e in applied.effects] == ["s1"]
+
+
+def test_rotating_a_key_retires_the_old_hash_and_closes_sessions():
+    state = BrokerState()
+    state.apply([{"op": "key_create", "name": "a", "key_hash": "h1", "app_id": "A",
+                  "send": ["*"], "receive": ["*"], "ts": 1},
+                 {"op": "session_open", "sid": "s1", "app": "A", "node": "n1",
+                  "boot": "b", "ts": 1}])
+
+    applied = state.apply([{"op": "key_rotate", "app_id": "A", "key_hash": "h2",
+                            "ts": 2}])
+
+    assert applied.results == [{"ok": True}]
+    assert state.key_hashes == {"h2": "A"}
+    assert applied.writes[b"k/h1"] is None and "s1" not in state.sessions
