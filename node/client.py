@@ -50,6 +50,34 @@ class Client:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def close_code(self) -> int | None:
+        """The server's close code once the socket is closed, else None."""
+        return None if self._ws is None else self._ws.close_code
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        """True once the socket is closed, False if it is still open after timeout_s."""
+        done, _ = await asyncio.wait({self._reader}, timeout=timeout_s)
+        return bool(done)
+
+    async def next_record(self, timeout_s: float) -> dict | None:
+        """The next pushed record, or None when none arrives within ``timeout_s``.
+
+        Raises ClientError(DISCONNECTED) once the socket is gone and every record
+        that arrived before has been taken.
+        """
+        if not self.records.empty():
+            return self.records.get_nowait()
+        getter = asyncio.ensure_future(self.records.get())
+        done, _ = await asyncio.wait({getter, self._reader}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self._reader.done() and self.records.empty():
+            raise ClientError("DISCONNECTED", "connection closed")
+        return None
+
     async def request(self, frame: str) -> str:
         """Send one frame and return the text after ``+PASS:``; raise on -FAIL."""
         fut = self.send(frame)

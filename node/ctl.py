@@ -18,15 +18,20 @@ table, even with no node answering), and 2 for a failure of the world (no
 cluster file, refused token, bad arguments, no node answering any other
 command, an unknown event), which ends the command with one line on stderr.
 
-`trace`, `dlq` and `sessions` read from the first node that answers, which
-serves them from its own applied state; `dlq requeue` is a write and goes
-through Raft from whichever node takes it. `completion bash` prints a script
-generated from the argument parser, so it never lists a stale command.
+`trace`, `dlq`, `sessions`, `apps` and `queues` read from the first node that
+answers, which serves them from its own applied state; `dlq requeue` and the
+`keys` actions are writes and go through Raft from whichever node takes them.
+`leader transfer` must reach the leader: it asks the node the status view
+names, and follows one `NOT_LEADER` answer to the leader that node names.
+`publish` and `subscribe` speak the EnSync protocol and so need aiohttp
+(`node/ctl_events.py`, imported only for them). `completion bash` prints a
+script generated from the argument parser, so it never lists a stale command.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -44,6 +49,8 @@ from typing import Any, NoReturn
 PROG = "ensyncctl"
 CLUSTER_FILE_DEFAULT = "./.ensync/cluster.json"
 TOKEN_ENV = "ENSYNC_ADMIN_TOKEN"
+ACCESS_KEY_ENV = "ENSYNC_ACCESS_KEY"
+DEMO_KEYS_FILE = "demo-keys.json"  # next to cluster.json
 TIMEOUT_MS_DEFAULT = 2000
 # Keys are created through Raft. Giving up before the node's own write
 # timeout (10 s by default) could abandon a write that still lands.
@@ -51,6 +58,15 @@ WRITE_TIMEOUT_MS_MIN = 10_000
 STATUS_THREADS_MAX = 32
 ERROR_BODY_CHARS_MAX = 200
 STATUS_KEYS_REQUIRED = ("term", "commit_index", "applied_index")
+WATCH_INTERVAL_MS_DEFAULT = 2000
+# status --watch without --count still ends after this many rounds.
+WATCH_ROUNDS_MAX = 1_000_000
+QUEUES_LIMIT_DEFAULT = 100
+# The node waits up to 10 s for leadership to move; wait a little longer.
+LEADER_TIMEOUT_MS_MIN = 15_000
+# NOT_LEADER answers followed before giving up (leadership may move meanwhile).
+LEADER_HOPS_MAX = 3
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -69,11 +85,14 @@ class Unreachable(CtlError):
 
 
 class HttpFailure(CtlError):
-    def __init__(self, url: str, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, url: str, status: int, code: str, detail: str, leader: str | None = None
+    ) -> None:
         self.url = url
         self.status = status
         self.code = code
         self.detail = detail
+        self.leader = leader  # named by a NOT_LEADER answer
         super().__init__(describe_http_failure(url, status, code, detail))
 
 
@@ -165,27 +184,34 @@ def http_failure(url: str, exc: urllib.error.HTTPError) -> HttpFailure:
         body = {}
     code = str(body.get("error", ""))
     detail = str(body.get("message", ""))[:ERROR_BODY_CHARS_MAX]
-    return HttpFailure(url, exc.code, code, detail)
+    leader = body.get("leader") if isinstance(body.get("leader"), str) else None
+    return HttpFailure(url, exc.code, code, detail, leader)
 
 
 # ---------------------------------------------------------------------------
 # Finding the cluster
 
 
-def resolve_targets(args: argparse.Namespace) -> tuple[list[Target], str]:
-    """Nodes and token from --url/--token, the environment, or the cluster file."""
+def resolve_targets(
+    args: argparse.Namespace, token_required: bool = True
+) -> tuple[list[Target], str]:
+    """Nodes and token from --url/--token, the environment, or the cluster file.
+
+    Without ``token_required`` a missing token comes back as "" (publish and
+    subscribe need one only to look an app up by name).
+    """
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.url:
-        if not token:
+        if not token and token_required:
             raise CtlError(f"no admin token: pass --token or set {TOKEN_ENV}")
-        return [Target(None, url) for url in split_urls(args.url)], token
+        return [Target(None, url) for url in split_urls(args.url)], token or ""
 
     cluster = load_cluster_file(Path(args.cluster))
     targets = [Target(node["id"], node["admin_url"]) for node in cluster["nodes"]]
     token = token or cluster.get("admin_token")
-    if not token:
+    if not token and token_required:
         raise CtlError(f"{args.cluster} holds no admin_token; pass --token")
-    return targets, token
+    return targets, token or ""
 
 
 def load_cluster_file(path: Path) -> dict[str, Any]:
@@ -416,12 +442,39 @@ def status_json(view: ClusterView) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     targets, token = resolve_targets(args)
+    if not args.watch:
+        return show_status(args, targets, token)
+    return watch_status(args, targets, token)
+
+
+def show_status(
+    args: argparse.Namespace, targets: list[Target], token: str, watching: bool = False
+) -> int:
     view = summarize(probe_all(targets, token, args.timeout_ms))
     if args.json:
-        print(json.dumps(status_json(view), indent=2))
+        # Watching, one document per line (JSON Lines) so a reader can follow.
+        print(json.dumps(status_json(view), indent=None if watching else 2))
+    elif watching and sys.stdout.isatty():
+        stamp = time.strftime("%H:%M:%S", time.gmtime())
+        every = f"every {args.interval_ms} ms, Ctrl-C stops"
+        print(f"{CLEAR_SCREEN}{stamp} UTC ({every})\n{render_status(view)}")
     else:
-        print(render_status(view))
+        print(render_status(view) + ("\n" if watching else ""))
+    sys.stdout.flush()
     return EXIT_HEALTHY if view.healthy else EXIT_UNHEALTHY
+
+
+def watch_status(args: argparse.Namespace, targets: list[Target], token: str) -> int:
+    """Redraw every --interval-ms; --count rounds, or until Ctrl-C."""
+    code = EXIT_HEALTHY
+    try:
+        for done in range(args.count or WATCH_ROUNDS_MAX):
+            if done:
+                time.sleep(args.interval_ms / 1000)
+            code = show_status(args, targets, token, watching=True)
+    except KeyboardInterrupt:
+        pass  # the usual way to stop watching; exit with the last verdict
+    return code
 
 
 # ---------------------------------------------------------------------------
@@ -669,6 +722,309 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# nodes, apps, queues
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+    probes = probe_all(targets, token, args.timeout_ms)
+    view = summarize(probes)
+    nodes = [node_info(probe, row) for probe, row in zip(probes, view.rows)]
+    print_answer(args, {"leader": view.leader, "nodes": nodes}, render_nodes(nodes))
+    return EXIT_HEALTHY
+
+
+def node_info(probe: Probe, row: dict[str, Any]) -> dict[str, Any]:
+    """Where a node is: from its own answer, else from the cluster file."""
+    status = probe.status or {}
+    info = {
+        "id": row["id"],
+        "role": row["role"],
+        "admin_url": probe.target.admin_url,
+        "ws_url": status.get("ws_url"),
+        "raft_address": status.get("raft_address"),
+        "reachable": row["reachable"],
+    }
+    if row.get("error"):
+        info["error"] = row["error"]
+    return info
+
+
+def render_nodes(nodes: list[dict[str, Any]]) -> str:
+    headers = ["node", "role", "admin url", "websocket url", "raft address"]
+    keys = ("id", "role", "admin_url", "ws_url", "raft_address")
+    rows = [[cell_text(node.get(key)) for key in keys] for node in nodes]
+    return render_table(headers, rows)
+
+
+def cmd_apps(args: argparse.Namespace) -> int:
+    answer = get_first(args, "/admin/apps")
+    print_answer(args, answer, render_apps(answer.get("apps", [])))
+    return EXIT_HEALTHY
+
+
+def render_apps(apps: list[dict[str, Any]]) -> str:
+    if not apps:
+        return "no apps"
+    headers = ["name", "app id", "send", "receive", "sessions", "disabled"]
+    headers.append("created (UTC)")
+    rows = [
+        [
+            str(app.get("name", "-")),
+            str(app.get("app_id", "-")),
+            ",".join(app.get("send", [])),
+            ",".join(app.get("receive", [])),
+            cell_text(app.get("sessions")),
+            cell_text(app.get("disabled")),
+            format_ms(app.get("created_ms")),
+        ]
+        for app in apps
+    ]
+    return render_table(headers, rows)
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    query = {"limit": args.limit}
+    if args.app:
+        query["app"] = args.app
+    answer = get_first(args, "/admin/queues?" + urllib.parse.urlencode(query))
+    print_answer(args, answer, render_queues(answer))
+    return EXIT_HEALTHY
+
+
+QUEUE_COLUMNS = ("app", "queue", "pending", "in flight", "oldest", "delivered/s")
+
+
+def render_queues(answer: dict[str, Any]) -> str:
+    queues = answer.get("queues", [])
+    if not queues:
+        return "no queues"
+    rows = [
+        [
+            cell_text(queue.get("app_name") or queue.get("app_id")),
+            str(queue.get("name", "-")),
+            cell_text(queue.get("pending")),
+            cell_text(queue.get("in_flight")),
+            format_age_ms(queue.get("oldest_age_ms")),
+            cell_text(queue.get("delivered_per_s")),
+        ]
+        for queue in queues
+    ]
+    lines = [render_table(list(QUEUE_COLUMNS), rows)]
+    total = answer.get("total", len(queues))
+    if isinstance(total, int) and total > len(queues):
+        lines.append(f"showing {len(queues)} of {total}; raise --limit for more")
+    return "\n".join(lines)
+
+
+def format_age_ms(value: object) -> str:
+    """A short age: 850ms, 42s, 17m, 5h, 3d."""
+    if not isinstance(value, int):
+        return "-"
+    for unit, size_ms in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000)):
+        if value >= 2 * size_ms:
+            return f"{value // size_ms}{unit}"
+    return f"{value // 1000}s" if value >= 1000 else f"{value}ms"
+
+
+# ---------------------------------------------------------------------------
+# keys disable, enable, rotate
+
+
+def cmd_keys_action(args: argparse.Namespace) -> int:
+    targets, token = resolve_targets(args)
+    action = args.keys_command
+    path = f"/admin/keys/{urllib.parse.quote(args.name, safe='')}/{action}"
+    timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
+
+    def act(target: Target) -> dict[str, Any]:
+        return request_json(target.admin_url + path, token, timeout_ms, "POST", {})
+
+    target, answer = first_answer(targets, act)
+    if action == "rotate":
+        text = render_rotated_key(answer, target)
+    else:
+        text = f"key {args.name!r} {action}d"
+        if action == "disable":
+            text += "; its open connections were closed"
+    print_answer(args, answer, text)
+    return EXIT_HEALTHY
+
+
+def render_rotated_key(record: dict[str, Any], target: Target) -> str:
+    where = target.node_id or target.address
+    rows = [
+        ["access key", str(record.get("access_key", "-"))],
+        ["app id", str(record.get("app_id", "-"))],
+    ]
+    lines = [f"rotated key {record.get('name', '?')!r} via {where}"]
+    lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
+    lines.append("the old access key no longer works; the secret key is unchanged")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# leader
+
+
+def cmd_leader(args: argparse.Namespace) -> int:
+    """Ask the leader to hand over; follow NOT_LEADER to the node it names."""
+    targets, token = resolve_targets(args)
+    probes = probe_all(targets, token, args.timeout_ms)
+    urls = {node_id(p): p.target.admin_url for p in probes}
+    urls.update({t.node_id: t.admin_url for t in targets if t.node_id})
+    leader = summarize(probes).leader
+    if leader is None:
+        raise CtlError("no node leads right now; try again after the election")
+
+    target = getattr(args, "node", None)
+    path, body = "/admin/leader/step-down", {}
+    if target is not None:
+        path, body = "/admin/leader/transfer", {"node": target}
+    answer = post_to_leader(urls, leader, path, body, token, args.timeout_ms)
+    text = f"{answer.get('leader')} leads now (was {answer.get('previous')})"
+    if answer.get("moved") is False:
+        text = f"{answer.get('leader')} leads already"
+    print_answer(args, answer, text)
+    return EXIT_HEALTHY
+
+
+def post_to_leader(
+    urls: dict[str, str],
+    leader: str,
+    path: str,
+    body: dict[str, Any],
+    token: str,
+    timeout_ms: int,
+) -> dict[str, Any]:
+    timeout_ms = max(timeout_ms, LEADER_TIMEOUT_MS_MIN)
+    for _ in range(LEADER_HOPS_MAX):
+        if leader not in urls:
+            raise CtlError(f"the leader is {leader}, whose admin URL is unknown here")
+        try:
+            return request_json(urls[leader] + path, token, timeout_ms, "POST", body)
+        except HttpFailure as exc:
+            if exc.code != "NOT_LEADER" or not exc.leader or exc.leader == leader:
+                raise
+            leader = exc.leader
+    raise CtlError(f"leadership kept moving; gave up after {LEADER_HOPS_MAX} tries")
+
+
+# ---------------------------------------------------------------------------
+# publish, subscribe (node/ctl_events.py, imported only here)
+
+
+def load_events_module():
+    try:
+        from node import ctl_events
+    except ImportError as exc:
+        raise CtlError(
+            f"publish and subscribe need aiohttp and orjson ({exc.name} is missing)"
+        ) from exc
+    return ctl_events
+
+
+def ws_url_of(admin_url: str) -> str:
+    scheme, rest = admin_url.split("://", 1)
+    return ("wss" if scheme == "https" else "ws") + "://" + rest + "/message"
+
+
+def access_key_of(args: argparse.Namespace) -> str:
+    """--key, then $ENSYNC_ACCESS_KEY, then --as NAME from demo-keys.json."""
+    if args.key:
+        return args.key
+    if args.as_name is None and os.environ.get(ACCESS_KEY_ENV):
+        return os.environ[ACCESS_KEY_ENV]
+    if args.as_name is None:
+        raise CtlError(
+            f"no access key: pass --key, set {ACCESS_KEY_ENV}, or --as NAME "
+            f"for a key in {DEMO_KEYS_FILE} next to the cluster file"
+        )
+    path = Path(args.cluster).parent / DEMO_KEYS_FILE
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CtlError(f"cannot read {path}: {exc}") from exc
+    entry = keys.get(args.as_name) if isinstance(keys, dict) else None
+    if not isinstance(entry, dict) or not entry.get("access_key"):
+        raise CtlError(f"{path} holds no access key named {args.as_name!r}")
+    return str(entry["access_key"])
+
+
+def recipient_of(args: argparse.Namespace, targets: list[Target], token: str) -> str:
+    """--to as an app id: a key name is looked up, anything else is taken as is."""
+    if not token:
+        return args.to
+
+    def fetch(target: Target) -> dict[str, Any]:
+        return request_json(target.admin_url + "/admin/apps", token, args.timeout_ms)
+
+    apps = first_answer(targets, fetch)[1].get("apps", [])
+    named = [app["app_id"] for app in apps if app.get("name") == args.to]
+    return named[0] if named else args.to
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    events = load_events_module()
+    targets, token = resolve_targets(args, token_required=False)
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        raise CtlError(f"--data is not JSON: {exc}") from exc
+    access_key = access_key_of(args)
+    to = recipient_of(args, targets, token)
+
+    payload = events.encode_payload(json.dumps(data, separators=(",", ":")))
+    urls = [ws_url_of(target.admin_url) for target in targets]
+    timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
+    try:
+        idems = asyncio.run(events.publish(urls, access_key, args.name, to, payload,
+                                           args.count, timeout_ms))
+    except events.EventsError as exc:
+        raise CtlError(str(exc)) from exc
+
+    answer = {"name": args.name, "to": to, "idems": idems}
+    print_answer(args, answer, "\n".join(f"published {idem}" for idem in idems))
+    return EXIT_HEALTHY
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    events = load_events_module()
+    targets, _ = resolve_targets(args, token_required=False)
+    access_key = access_key_of(args)
+    # --timeout-ms bounds the whole wait here, and only when given.
+    wait_ms = args.timeout_ms if "timeout_ms" in args.given else None
+    sub = events.Subscription(args.name, args.count, wait_ms, args.ack)
+    urls = [ws_url_of(target.admin_url) for target in targets]
+
+    def show(record: dict[str, Any]) -> None:
+        print(record_line(args, record, events.decode_payload), flush=True)
+
+    try:
+        asyncio.run(
+            events.subscribe(urls, access_key, sub, WRITE_TIMEOUT_MS_MIN, show)
+        )
+    except events.EventsError as exc:
+        raise CtlError(str(exc)) from exc
+    return EXIT_HEALTHY
+
+
+def record_line(args: argparse.Namespace, record: dict[str, Any], decode) -> str:
+    fields = {
+        "idem": record.get("idem"),
+        "name": record.get("name"),
+        "attempt": record.get("attempt"),
+        "payload": decode(str(record.get("payload", ""))),
+    }
+    if args.json:
+        return json.dumps(fields)
+    return "  ".join(
+        [str(fields["idem"]), str(fields["name"]), f"attempt={fields['attempt']}",
+         fields["payload"]]
+    )
+
+
+# ---------------------------------------------------------------------------
 # Shell completion
 #
 # The script is generated from the parser itself, so a new command or flag is
@@ -812,6 +1168,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="cluster health")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument(
+        "--interval-ms",
+        type=positive_int,
+        default=WATCH_INTERVAL_MS_DEFAULT,
+        help=f"between redraws [{WATCH_INTERVAL_MS_DEFAULT}]",
+    )
+    status.add_argument(
+        "--count", type=positive_int, help="with --watch: stop after N tables"
+    )
     status.set_defaults(handler=cmd_status)
 
     keys = commands.add_parser("keys", parents=[common], help="access keys")
@@ -829,7 +1195,19 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_keys_list)
 
+    for action, text in (
+        ("disable", "refuse a key and close its connections"),
+        ("enable", "accept a disabled key again"),
+        ("rotate", "replace a key's access key"),
+    ):
+        command = key_commands.add_parser(action, parents=[common], help=text)
+        command.add_argument("name", metavar="NAME")
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(handler=cmd_keys_action)
+
     add_delivery_commands(commands, common)
+    add_operator_commands(commands, common)
+    add_event_commands(commands, common)
     completion = commands.add_parser(
         "completion", help="print a shell completion script"
     )
@@ -870,6 +1248,69 @@ def add_delivery_commands(commands, common: argparse.ArgumentParser) -> None:
     sessions.set_defaults(handler=cmd_sessions)
 
 
+def add_operator_commands(commands, common: argparse.ArgumentParser) -> None:
+    nodes = commands.add_parser("nodes", parents=[common], help="where each node is")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(handler=cmd_nodes)
+
+    apps = commands.add_parser("apps", parents=[common], help="apps and sessions")
+    apps.add_argument("--json", action="store_true")
+    apps.set_defaults(handler=cmd_apps)
+
+    queues = commands.add_parser("queues", parents=[common], help="queue depths")
+    queues.add_argument("--app", metavar="NAME", help="one app's queues")
+    queues.add_argument(
+        "--limit",
+        type=positive_int,
+        default=QUEUES_LIMIT_DEFAULT,
+        help=f"[{QUEUES_LIMIT_DEFAULT}]",
+    )
+    queues.add_argument("--json", action="store_true")
+    queues.set_defaults(handler=cmd_queues)
+
+    leader = commands.add_parser("leader", parents=[common], help="Raft leadership")
+    leader_commands = leader.add_subparsers(
+        dest="leader_command", required=True, metavar="action"
+    )
+    transfer = leader_commands.add_parser(
+        "transfer", parents=[common], help="hand leadership to NODE"
+    )
+    transfer.add_argument("node", metavar="NODE")
+    step_down = leader_commands.add_parser(
+        "step-down", parents=[common], help="hand leadership to any follower"
+    )
+    for command in (transfer, step_down):
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(handler=cmd_leader)
+
+
+def add_event_commands(commands, common: argparse.ArgumentParser) -> None:
+    credentials = argparse.ArgumentParser(add_help=False)
+    credentials.add_argument("--key", help=f"access key [${ACCESS_KEY_ENV}]")
+    credentials.add_argument(
+        "--as", dest="as_name", metavar="NAME", help=f"a key from {DEMO_KEYS_FILE}"
+    )
+
+    publish = commands.add_parser(
+        "publish", parents=[common, credentials], help="publish an event"
+    )
+    publish.add_argument("name", metavar="NAME")
+    publish.add_argument("--to", required=True, metavar="APP", help="name or id")
+    publish.add_argument("--data", required=True, metavar="JSON")
+    publish.add_argument("--count", type=positive_int, default=1, help="[1]")
+    publish.add_argument("--json", action="store_true")
+    publish.set_defaults(handler=cmd_publish)
+
+    subscribe = commands.add_parser(
+        "subscribe", parents=[common, credentials], help="print events as they come"
+    )
+    subscribe.add_argument("name", metavar="NAME")
+    subscribe.add_argument("--count", type=positive_int, help="stop after N")
+    subscribe.add_argument("--ack", action="store_true", help="acknowledge each")
+    subscribe.add_argument("--json", action="store_true")
+    subscribe.set_defaults(handler=cmd_subscribe)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     defaults = {
@@ -878,6 +1319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "token": None,
         "timeout_ms": TIMEOUT_MS_DEFAULT,
     }
+    # Options given on the command line (subscribe reads --timeout-ms only then).
+    args.given = {name for name in defaults if hasattr(args, name)}
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)

@@ -3,6 +3,7 @@
     BrokerError                  base; carries a wire ``code`` and a short message
     ├── ProtocolError            a frame we cannot parse or that lacks parameters
     ├── RequestRejected          a well-formed request the state machine refuses
+    │   └── NotLeader            an action only the Raft leader can take
     └── Unavailable              no quorum, or the write did not commit in time
 
 ``code`` is the token that follows ``-FAIL:`` on the wire (spec section 3.13).
@@ -37,3 +38,11 @@ class RequestRejected(BrokerError):
 
 class Unavailable(BrokerError):
     code = "UNAVAILABLE"
+
+
+class NotLeader(RequestRejected):
+    code = "NOT_LEADER"
+
+    def __init__(self, leader: str | None) -> None:
+        super().__init__("only the leader can do this")
+        self.leader = leader

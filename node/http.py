@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import orjson
 from aiohttp import web
 
+from node import admin, dashboard
 from node.errors import BrokerError, Unavailable
+from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from node.metrics import NodeMetrics, ready_reason
 from node.protocol import WS_MESSAGE_BYTES_MAX
 from node.session import Connection
 from raft import schema
@@ -19,6 +21,8 @@ log = logging.getLogger("ensync.http")
 
 ADMIN_BODY_BYTES_MAX = 64 * 1024
 NODE_KEY = web.AppKey("node", object)
+METRICS_KEY = web.AppKey("metrics", NodeMetrics)
+DASHBOARD_KEY = web.AppKey("dashboard", dashboard.Dashboard)
 
 
 def build_app(node) -> web.Application:
@@ -28,7 +32,11 @@ def build_app(node) -> web.Application:
     app.router.add_get("/message", _websocket)
     app.router.add_get("//message", _websocket)
     app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    app[METRICS_KEY] = NodeMetrics(node)
+    app.on_startup.append(_start_metrics)
+    app.on_cleanup.append(_stop_metrics)
     app.router.add_get("/admin/status", _status)
     app.router.add_get("/admin/digest", _digest)
     app.router.add_get("/admin/keys", _list_keys)
@@ -38,6 +46,12 @@ def build_app(node) -> web.Application:
     app.router.add_get("/admin/dlq/{idem}", _show_dead_letter)
     app.router.add_post("/admin/dlq/{idem}/requeue", _requeue_dead_letter)
     app.router.add_get("/admin/sessions", _list_sessions)
+    # The web dashboard: /, /login, /logout, /static/*, /admin/cluster, /admin/queues
+    app[DASHBOARD_KEY] = dashboard.Dashboard(node)
+    app[DASHBOARD_KEY].add_routes(app)
+    # Operator actions: /admin/apps, /admin/keys/{name}/disable|enable|rotate,
+    # /admin/leader/step-down|transfer, /admin/openapi.json (node/admin.py).
+    admin.add_routes(app, node)
     return app
 
 
@@ -52,17 +66,23 @@ def _error(code: str, message: str, status: int) -> web.Response:
 
 @web.middleware
 async def _admin_auth(request: web.Request, handler):
-    if request.path.startswith("/admin/"):
-        token = request.app[NODE_KEY].cfg.admin_token
-        given = request.headers.get("Authorization", "")
-        if not token or not hmac.compare_digest(given, f"Bearer {token}"):
-            return _error("UNAUTHORIZED", "admin credential required", 401)
+    if request.path.startswith("/admin/") and not _admin_allowed(request):
+        return _error("UNAUTHORIZED", "admin credential required", 401)
     try:
         return await handler(request)
     except Unavailable as exc:
         return _error(exc.code, exc.message, 503)
     except BrokerError as exc:
         return _error(exc.code, exc.message, 400)
+
+
+def _admin_allowed(request: web.Request) -> bool:
+    """The Bearer token, or a dashboard login cookie (node/dashboard.py)."""
+    token = request.app[NODE_KEY].cfg.admin_token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme == "Bearer" and dashboard.token_matches(given, token):
+        return True
+    return request.app[DASHBOARD_KEY].logged_in(request)
 
 
 async def _websocket(request: web.Request) -> web.StreamResponse:
@@ -81,6 +101,16 @@ async def _health(request: web.Request) -> web.Response:
         return _json({"status": "failing", "id": node.id,
                       "reason": "journal write failed"}, 503)
     return _json({"status": "ok", "id": node.id})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    """200 while this node is in a majority and caught up; see node/metrics.py."""
+    node = request.app[NODE_KEY]
+    reason = ready_reason(node.broker.statistics(), node.broker.journal().failed,
+                          node.cfg.ready_lag_entries_max)
+    if reason is not None:
+        return _json({"ready": False, "id": node.id, "reason": reason}, 503)
+    return _json({"ready": True, "id": node.id})
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -228,31 +258,13 @@ def _valid_key_request(name, send, receive) -> bool:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
-    status = node.status()
-    journal = node.broker.journal().statistics()
-    stats = node.broker.state.statistics()
-    prop = node.proposer.statistics()
-    lines = [
-        f"ensync_raft_term {status['term']}",
-        f"ensync_raft_commit_index {status['commit_index']}",
-        f"ensync_raft_applied_index {status['applied_index']}",
-        f"ensync_raft_is_leader {int(status['role'] == 'leader')}",
-        f"ensync_raft_batches_total {prop['batches_total']}",
-        f"ensync_raft_batched_ops_total {prop['ops_total']}",
-        f"ensync_raft_batch_resubmits_total {prop['resubmits_total']}",
-        f"ensync_journal_fsync_total {journal.fsync_total}",
-        f"ensync_journal_fsync_seconds_total {journal.fsync_seconds_total:.6f}",
-        f"ensync_raft_log_entries {status['log_len']}",
-        f"ensync_raft_apply_skipped_total {node.broker.apply_skipped}",
-        f"ensync_snapshot_installs_total {node.broker.snapshot_installs}",
-        f"ensync_sessions {stats.sessions}",
-        f"ensync_clients {status['clients']}",
-        f"ensync_pending_events {stats.pending_events}",
-        f"ensync_inflight_events {stats.inflight_events}",
-        f"ensync_resident_events {stats.resident_events}",
-        f"ensync_journal_truncations_avoided_total {journal.truncations_avoided_total}",
-        f"ensync_deliveries_total {node.counters['deliveries_total']}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n",
-                        content_type="text/plain")
+    body = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _start_metrics(app: web.Application) -> None:
+    app[METRICS_KEY].start()
+
+
+async def _stop_metrics(app: web.Application) -> None:
+    app[METRICS_KEY].stop()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
+import re
 import signal
 import sys
 import tomllib
 
+import orjson
 from aiohttp import web
 
 from node.http import build_app
@@ -21,12 +24,18 @@ from node.server import Node, NodeConfig
 from raft.machine import RaftConfig
 
 # (name, type, default, help); every name is also ENSYNC_<NAME> and a TOML key.
+# A bool is a switch: --name turns it on; ENSYNC_<NAME>=1 (or true, yes, on) too.
+# The README's settings table is made from this list (scripts/settings-table).
 SETTINGS = [
-    ("id", str, "n1", "node id shown by status"),
+    ("id", str, "n1", "node id shown by status (n1, n2, ...)"),
     ("host", str, "127.0.0.1", "HTTP and WebSocket bind host"),
-    ("port", int, 8081, "HTTP and WebSocket port"),
-    ("raft", str, "127.0.0.1:9081", "this node's Raft address (bound exactly)"),
+    ("port", int, 8081,
+     "HTTP and WebSocket port: /message, /health, /ready, /metrics, /admin/..."),
+    ("raft", str, "127.0.0.1:9081",
+     "this node's Raft address; the Raft socket binds to this host only"),
     ("peers", str, "", "other nodes as id=host:port, comma separated"),
+    ("peer_http", str, "",
+     "other nodes' HTTP as id=http://host:port, comma separated (dashboard)"),
     ("data_dir", str, ".ensync/n1", "journal, snapshots and RocksDB"),
     ("admin_token", str, "", "bearer token for /admin/*"),
     ("raft_min_timeout_ms", int, 1000, "election timeout, lower bound"),
@@ -34,7 +43,8 @@ SETTINGS = [
     ("leader_fallback_timeout_ms", int, 3000, "a leader without a majority steps down"),
     ("compaction_min_entries", int, 20000, "log entries before a snapshot"),
     ("compaction_min_time_ms", int, 600_000, "time between snapshots at most"),
-    ("write_timeout_ms", int, 10000, "a write without quorum fails after this"),
+    ("write_timeout_ms", int, 10000,
+     "a write without quorum fails with -FAIL:UNAVAILABLE after this"),
     ("ack_timeout_ms", int, 60000, "unacked records return to the queue after this"),
     ("node_down_ms", int, 5000, "sessions of an unreachable node close after this"),
     ("batch_ops_max", int, 512, "operations per Raft entry"),
@@ -52,6 +62,9 @@ SETTINGS = [
     ("journal_bytes_max", int, 64 << 20, "journal size that forces a snapshot"),
     ("log_file", str, "", "log to this file instead of stderr"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("log_json", bool, False, "log one JSON object per line instead of text"),
+    ("ready_lag_entries_max", int, 100,
+     "/ready fails while applied trails commit by more entries than this"),
 ]
 
 
@@ -63,7 +76,12 @@ def load_settings(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser(prog="ensync-node", description=__doc__)
     parser.add_argument("--config", help="TOML file with the settings below")
     for name, kind, default, help_text in SETTINGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_const", const=True,
+                                default=None, help=f"{help_text} (default off)")
+            continue
+        parser.add_argument(flag, dest=name, type=kind,
                             default=None, help=f"{help_text} (default {default!r})")
     args = parser.parse_args(argv)
 
@@ -84,9 +102,23 @@ def _pick(name, kind, default, flag, from_file):
     env = os.environ.get("ENSYNC_" + name.upper())
     raw = env if env is not None else from_file.get(name, default)
     try:
-        return kind(raw)
+        return _switch(raw) if kind is bool else kind(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from None
+
+
+_SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def _switch(raw) -> bool:
+    """A bool from TOML as is; from the environment, one of ``_SWITCH_WORDS``."""
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word not in _SWITCH_WORDS:
+        raise ValueError(word)
+    return _SWITCH_WORDS[word]
 
 
 def parse_peers(text: str) -> dict[str, str]:
@@ -97,6 +129,16 @@ def parse_peers(text: str) -> dict[str, str]:
             raise ConfigError(f"peer {item!r} is not id=host:port")
         peers[node_id] = address
     return peers
+
+
+def parse_peer_http(text: str) -> dict[str, str]:
+    urls = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        node_id, sep, url = item.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"peer HTTP address {item!r} is not id=http://host:port")
+        urls[node_id] = url.rstrip("/")
+    return urls
 
 
 def build_config(s: dict) -> NodeConfig:
@@ -123,7 +165,9 @@ def build_config(s: dict) -> NodeConfig:
                       finished_retention_ms=s["finished_retention_ms"],
                       history_retention_ms=s["history_retention_ms"],
                       journal_bytes_max=s["journal_bytes_max"],
-                      idle_after_ms=s["idle_after_ms"])
+                      idle_after_ms=s["idle_after_ms"],
+                      ready_lag_entries_max=s["ready_lag_entries_max"],
+                      peer_http=parse_peer_http(s["peer_http"]))
 
 
 class _NodeIdFilter(logging.Filter):
@@ -136,7 +180,37 @@ class _NodeIdFilter(logging.Filter):
         return True
 
 
-def setup_logging(node_id: str, log_file: str, level: str) -> None:
+# key=value in a log message: the key starts a word, the value runs to a space.
+_LOG_FIELD = re.compile(r"(?<!\S)([A-Za-z_][\w.]*)=(\S+)")
+_INT = re.compile(r"-?\d+\Z")
+_JSON_LOG_KEYS = ("node", "ts", "level", "logger", "msg")
+
+
+class _JsonLineFormatter(logging.Formatter):
+    """One JSON object per record: node, ts, level, logger, msg, then the fields.
+
+    Fields are the message's ``key=value`` pairs (STYLE.md 10), integers as
+    numbers. A field named like one of the fixed keys (``node=n2`` names a peer)
+    is kept as ``msg_<key>``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry = {"node": getattr(record, "node", None),
+                 "ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname, "logger": record.name, "msg": msg}
+        for key, value in _LOG_FIELD.findall(msg):
+            if key in _JSON_LOG_KEYS:
+                key = "msg_" + key
+            entry.setdefault(key, int(value) if _INT.match(value) else value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup_logging(node_id: str, log_file: str, level: str,
+                  json_lines: bool = False) -> None:
     if log_file:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
@@ -146,8 +220,12 @@ def setup_logging(node_id: str, log_file: str, level: str) -> None:
     else:
         handler = logging.StreamHandler()
     handler.addFilter(_NodeIdFilter(node_id))
-    handler.setFormatter(logging.Formatter(
-        "%(node)s %(asctime)s %(levelname)s %(name)s %(message)s"))
+    if json_lines:
+        handler.setFormatter(_JsonLineFormatter())
+        logging.captureWarnings(True)  # a bare warning would break the format
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(node)s %(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -180,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         cfg = build_config(settings)
-        setup_logging(cfg.id, settings["log_file"], settings["log_level"])
+        setup_logging(cfg.id, settings["log_file"], settings["log_level"],
+                      settings["log_json"])
     except ConfigError as exc:
         print(f"ensync-node: error: {exc}", file=sys.stderr)
         return 2

@@ -24,15 +24,17 @@ import os
 import secrets
 
 import orjson
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from node.errors import BrokerError, RequestRejected, Unavailable
+from node.errors import BrokerError, NotLeader, RequestRejected, Unavailable
+from node.rates import DeliveryRates
 from node.session import Connection
 from raft import schema
 from raft.machine import Proposer, RaftConfig, ReplicatedBroker, now_ms
+from raft.schema import PENDING
 from raft.state import Close, Push
 
 log = logging.getLogger("ensync.node")
@@ -42,7 +44,14 @@ ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 RETENTION_OPS_MAX = 256
 # Ops that can hand an in-flight event back, so may send it to the DLQ.
 RETURNING_OPS = frozenset({"session_close", "node_boot", "node_down", "unsub",
-                           "rollback", "requeue"})
+                           "rollback", "requeue", "key_disable", "key_rotate"})
+# Client ops committed through this node, counted for the dashboard's rates.
+COUNTED_OPS = {"publish": "publishes_total", "ack": "acks_total"}
+# Leadership transfer: how long an admin call waits for the new leader, how often
+# it looks, and how long one answer from the tick thread may take.
+TRANSFER_TIMEOUT_MS = 10_000
+TRANSFER_POLL_MS = 50
+TRANSFER_ANSWER_MS = 1000
 
 
 @dataclass
@@ -67,6 +76,8 @@ class NodeConfig:
     retention_check_ms: int = 1000
     dedup_window_ms: int = 120_000
     idle_after_ms: int = 60_000
+    ready_lag_entries_max: int = 100  # /ready: applied may trail commit this much
+    peer_http: dict[str, str] = field(default_factory=dict)  # id -> http://host:port
 
     @property
     def id(self) -> str:
@@ -90,6 +101,7 @@ class Node:
         self._node_seen_ms: dict[str, int] = {}
         self._node_down_sent_ms: dict[str, int] = {}
         self.counters = collections.Counter()
+        self.delivery_rates = DeliveryRates()
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._dispatch_loop()))
@@ -167,6 +179,8 @@ class Node:
         result = await self.proposer.propose(self._stamp(op))
         if result.get("error"):
             raise BrokerError(result["message"], result["error"])
+        if op["op"] in COUNTED_OPS:
+            self.counters[COUNTED_OPS[op["op"]]] += 1
         return result
 
     # -- applied entries: tick thread -> loop thread ------------------------------
@@ -180,8 +194,10 @@ class Node:
     def _drain_applied(self) -> None:
         self._wake.set()
         while self._applied:
-            effect, body = self._applied.popleft()
+            effect, body, queue = self._applied.popleft()
             if isinstance(effect, Push):
+                if queue is not None:
+                    self.delivery_rates.record(queue, int(self.loop.time()))
                 self._deliver(effect, body)
             elif isinstance(effect, Close):
                 self._close_local(effect)
@@ -190,6 +206,8 @@ class Node:
         conn = self.connections.get(push.sid)
         if conn is not None:
             self.counters["deliveries_total"] += 1
+            if push.attempt > 1:
+                self.counters["redeliveries_total"] += 1
             conn.push(push.pattern, body, push.attempt)
         elif push.sid.startswith(self.id + "."):
             # Ours, but the socket is gone and its close has not committed yet.
@@ -269,7 +287,8 @@ class Node:
                 continue
             now = now_ms()
             with self.broker.lock:
-                ops = self.broker.state.plan_expiry(now, self.cfg.retention_ms,
+                ops = self.broker.state.plan_expiry(now, self.broker.raftCurrentTerm,
+                                                    self.cfg.retention_ms,
                                                     RETENTION_OPS_MAX)
             for op_name, prefix, keep_ms in (
                     ("compact", b"f/", self.cfg.finished_retention_ms),
@@ -405,6 +424,10 @@ class Node:
             "ws_url": f"ws://{self.cfg.host}:{self.cfg.port}/message",
             "raft_address": self.cfg.raft.raft_address,
             "log_len": raw.get("log_len", 0),
+            # Since this process started; rates are the client's business.
+            "publishes_total": self.counters["publishes_total"],
+            "deliveries_total": self.counters["deliveries_total"],
+            "acks_total": self.counters["acks_total"],
         }
 
     def create_key_material(self) -> dict:
@@ -498,12 +521,145 @@ class Node:
                 "in_flight": in_flight, "opened_ms": s.opened_ms,
                 "last_active_ms": s.last_active_ms}
 
+    def queues_view(self, limit: int, offset: int = 0,
+                    app: str | None = None) -> tuple[list[dict], int]:
+        """Queues by pending events, most first, skipping ``offset``; and the count.
+
+        One pass over every queue under the lock (or over one app's), then a
+        bounded heap: thousands of queues cost a few milliseconds, and only the
+        rows shown look at their queue's head. A queue whose events are all in
+        flight may exist only in ``inflight`` after a restart, so both are counted.
+        ``app`` (an app id) keeps that app's queues only.
+        """
+        assert limit > 0
+        assert offset >= 0
+
+        now, now_s = now_ms(), int(self.loop.time())
+        with self.broker.lock:
+            state = self.broker.state
+            by_app = state.queues if app is None else {app: state.queues.get(app, {})}
+            queues = {(q.app, q.name): q
+                      for by_name in by_app.values() for q in by_name.values()}
+            counts = {key: [q.pending, 0] for key, q in queues.items()}
+            for key in state.inflight.values():
+                ev = state.events.get(key)
+                if ev is not None and app in (None, ev.app):
+                    counts.setdefault((ev.app, ev.name), [0, 0])[1] += 1
+            chosen = heapq.nsmallest(offset + limit, counts.items(),
+                                     key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+            rows = [self._queue_row(key, pending, held, queues.get(key), now, now_s)
+                    for key, (pending, held) in chosen[offset:]]
+        return rows, len(counts)
+
+    def _queue_row(self, key: tuple[str, str], pending: int, held: int, queue,
+                   now: int, now_s: int) -> dict:
+        app, name = key
+        born_ms = None if queue is None else _head_born_ms(queue,
+                                                           self.broker.state.events)
+        # "app" is the dashboard's name for the id; "app_id" the admin API's.
+        return {"app": app, "app_id": app, "app_name": self._app_name(app),
+                "name": name, "pending": pending, "in_flight": held,
+                "oldest_age_ms": None if born_ms is None else max(0, now - born_ms),
+                "delivered_per_s": self.delivery_rates.per_second(key, now_s)}
+
+    def apps_view(self) -> list[dict]:
+        """Every app (key) by name, with its live session count; no secrets."""
+        with self.broker.lock:
+            state = self.broker.state
+            rows = [{"app_id": app_id, "name": rec["name"], "send": rec["send"],
+                     "receive": rec["receive"], "created_ms": rec["created_ms"],
+                     "disabled": bool(rec.get("disabled")),
+                     "sessions": len(state.app_sessions.get(app_id, ()))}
+                    for app_id, rec in state.apps.items()]
+        rows.sort(key=lambda row: row["name"])
+        return rows
+
+    def app_id_of(self, name_or_id: str) -> str | None:
+        """The app a key name, or else an app id, names here; None if neither."""
+        with self.broker.lock:
+            state = self.broker.state
+            app = state.app_names.get(name_or_id)
+            if app is None and name_or_id in state.apps:
+                app = name_or_id
+            return app
+
+    async def transfer_leadership(self, target: str | None) -> str:
+        """Hand leadership to ``target`` (None: the most caught-up follower).
+
+        Returns the id of the leader this node follows afterwards. pysyncobj
+        denies a transfer while the target lags the leader's log, and the
+        election it starts can still be lost, so the request is repeated (once
+        per election timeout) until ``TRANSFER_TIMEOUT_MS``. Raises NotLeader
+        when this node does not lead, Unavailable (TIMEOUT) when time runs out.
+        """
+        if not self.broker._isLeader():
+            raise NotLeader(self.broker.leader_id())
+        assert target is None or target in self.cfg.raft.peers
+
+        log.info("leadership transfer requested target=%s", target or "any")
+        settle_s = self.cfg.raft.raft_max_timeout_ms / 1000
+        deadline = self.loop.time() + TRANSFER_TIMEOUT_MS / 1000
+        asked_at = None
+        for _ in range(TRANSFER_TIMEOUT_MS // TRANSFER_POLL_MS + 1):
+            leader = self.broker.leader_id()
+            if not self.broker._isLeader() and leader not in (None, self.id):
+                log.info("leadership moved to=%s", leader)
+                return leader
+
+            now = self.loop.time()
+            if self.broker._isLeader() and (asked_at is None
+                                            or now - asked_at > settle_s):
+                sent = await self._request_transfer(target)
+                asked_at = now if sent else None
+            if self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(TRANSFER_POLL_MS / 1000)
+        raise Unavailable(f"leadership did not move within {TRANSFER_TIMEOUT_MS} ms",
+                          "TIMEOUT")
+
+    async def _request_transfer(self, target: str | None) -> bool:
+        fut = self.loop.create_future()
+
+        def done(sent: bool) -> None:  # tick thread
+            self.loop.call_soon_threadsafe(_settle, fut, sent)
+
+        if not self.broker.request_transfer(target, done):
+            return False
+        try:
+            return await asyncio.wait_for(fut, TRANSFER_ANSWER_MS / 1000)
+        except asyncio.TimeoutError:
+            return False
+
     def _closed_session_row(self, c) -> dict:
         return {"client_id": c.sid, "app": c.app, "app_name": self._app_name(c.app),
                 "node": c.node, "status": "disconnected", "in_flight": 0,
                 "opened_ms": c.opened_ms,
                 "last_active_ms": getattr(c, "last_active_ms", None),
                 "closed_ms": c.closed_ms, "reason": c.reason}
+
+
+def _head_born_ms(queue, events: dict) -> int | None:
+    """Log time of a queue's first pending event, if its window holds it.
+
+    The heap drops stale entries lazily, so its top may be one; then the rest
+    of the window (at most twice ``QUEUE_WINDOW_EVENTS``) is scanned. A window
+    that ran dry leaves the head on disk only: None, no RocksDB read here.
+    """
+    if queue.pending == 0 or not queue.heap:
+        return None
+    live = []
+    for rank in queue.heap:
+        ev = events.get((queue.p, rank[1]))
+        if ev is not None and ev.state == PENDING and ev.rank() == rank:
+            if rank == queue.heap[0]:
+                return ev.born_ms
+            live.append(ev)
+    return min(live, key=lambda ev: ev.rank()).born_ms if live else None
+
+
+def _settle(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 async def _send_quietly(ws, text: str) -> None:

@@ -69,8 +69,11 @@ class Connection:
         self.app: str | None = None
         self.replies: asyncio.Queue = asyncio.Queue(PENDING_REQUESTS_MAX)
         self.sub_ready_at: dict[str, float] = {}
+        # pattern -> pushes held back right after SUB: (timer, push arguments)
+        self._held: dict[str, list] = {}
         self.requests_total = 0
         self.pushes_total = 0
+        self.bad_frames_total = 0
         # CONN waits on CONN: a second one pipelined behind the first must see
         # the session the first one opened.
         self._conn_lock = asyncio.Lock()
@@ -106,10 +109,19 @@ class Connection:
         try:
             request = protocol.parse_request(text)
         except ProtocolError as exc:
-            log.info("bad frame peer=%s code=%s", self.peer, exc.code)
+            self._count_bad_frame(exc)
             await self._enqueue(_failed(exc))
             return
         await self._enqueue(self._handle(request))
+
+    def _count_bad_frame(self, exc: ProtocolError) -> None:
+        # INFO for the first one only: a client looping on a bad frame must not
+        # flood the log; the rest are counted (STYLE.md 11).
+        self.bad_frames_total += 1
+        self.node.counters["bad_frames_total"] += 1
+        level = logging.INFO if self.bad_frames_total == 1 else logging.DEBUG
+        log.log(level, "bad frame peer=%s code=%s count=%d", self.peer, exc.code,
+                self.bad_frames_total)
 
     async def _enqueue(self, awaitable) -> None:
         task = asyncio.ensure_future(awaitable)
@@ -225,18 +237,26 @@ class Connection:
         await self.node.commit({"op": "unsub", "sid": self.sid, "pattern": pattern})
         return protocol.passed("UNSUBSCRIBED", EVENT_NAME=pattern, CLIENT_ID=self.sid)
 
+    def _answer(self, op: str, req: protocol.Request, **fields) -> dict:
+        """An op answering one delivery; ATTEMPT (ours) names which one."""
+        answer = {"op": op, "sid": self.sid, "idem": req.get("EVENT_IDEM"), **fields}
+        attempt = _int_param(req, "ATTEMPT", 0, 1, 1 << 31)
+        if attempt:
+            answer["attempt"] = attempt
+        return answer
+
     async def _ack(self, req: protocol.Request) -> str:
         idem = req.get("EVENT_IDEM")
-        await self.node.commit({"op": "ack", "sid": self.sid, "idem": idem})
+        await self.node.commit(self._answer("ack", req))
         return protocol.passed("ACKNOWLEDGED", IDEM=idem)
 
     async def _defer(self, req: protocol.Request) -> str:
         idem = req.get("EVENT_IDEM")
         delay_ms = _int_param(req, "DELAY", DEFER_DELAY_MS_DEFAULT, 0, DEFER_DELAY_MS_MAX)
         priority = _int_param(req, "PRIORITY", 1, 1, 5)
-        result = await self.node.commit({
-            "op": "defer", "sid": self.sid, "idem": idem, "delay_ms": delay_ms,
-            "priority": priority, "reason": (req.get("REASON") or "")[:256]})
+        result = await self.node.commit(self._answer(
+            "defer", req, delay_ms=delay_ms, priority=priority,
+            reason=(req.get("REASON") or "")[:256]))
         return protocol.passed("DEFERRED", IDEM=idem, DELIVERY_TIME=result["due_ms"])
 
     async def _discard(self, req: protocol.Request) -> str:
@@ -244,19 +264,25 @@ class Connection:
         if req.get("REASON") is None:
             raise ProtocolError("DISCARD needs a REASON key (it may be empty)",
                                 "MISSING_REASON")
-        await self.node.commit({"op": "discard", "sid": self.sid, "idem": idem,
-                                "reason": req.get("REASON")[:256]})
+        await self.node.commit(self._answer("discard", req,
+                                            reason=req.get("REASON")[:256]))
         return protocol.passed("DISCARDED", IDEM=idem)
 
     async def _rollback(self, req: protocol.Request) -> str:
         idem = req.get("EVENT_IDEM")
-        await self.node.commit({"op": "rollback", "sid": self.sid, "idem": idem})
+        await self.node.commit(self._answer("rollback", req))
         return protocol.passed("ROLLED_BACK", IDEM=idem)
 
     async def _pause(self, req: protocol.Request) -> str:
         pattern = _event_name(req)
         await self.node.commit({"op": "pause", "sid": self.sid, "pattern": pattern,
                                 "paused": True})
+        # A record assigned before the pause was delivered before it: send one
+        # still held back after SUB now, so it cannot follow +PASS:PAUSED.
+        self.sub_ready_at.pop(pattern, None)
+        for handle, args in self._held.pop(pattern, []):
+            handle.cancel()
+            self.push(*args)
         return protocol.passed("PAUSED", EVENT_NAME=pattern)
 
     async def _continue(self, req: protocol.Request) -> str:
@@ -287,13 +313,20 @@ class Connection:
         loop = asyncio.get_running_loop()
         hold_s = self.sub_ready_at.get(pattern, 0) - loop.time()
         if hold_s > 0:
-            loop.call_later(hold_s, self.push, pattern, body, attempt)
+            args = (pattern, body, attempt)
+            handle = loop.call_later(hold_s, self._release_held, args)
+            self._held.setdefault(pattern, []).append((handle, args))
             return
         self.pushes_total += 1
         record = orjson.loads(body)
         record["attempt"] = attempt
         frame = protocol.record_frame(record)
         asyncio.ensure_future(self._send_push(frame))
+
+    def _release_held(self, args: tuple) -> None:
+        held = self._held.get(args[0], [])
+        self._held[args[0]] = [h for h in held if h[1] is not args]
+        self.push(*args)
 
     async def _send_push(self, frame: str) -> None:
         if self.ws.closed:

@@ -266,6 +266,9 @@ class DurableJournal(Journal):
 
         self._fsync_total = 0
         self._fsync_seconds_total = 0.0
+        # Called with the seconds of each fsync, on the thread that issued it;
+        # the node hangs its latency histogram here. It must not raise.
+        self.fsync_observer: Callable[[float], None] | None = None
         self._last_sync_entries = 0
         self._truncations_avoided_total = 0
 
@@ -718,8 +721,11 @@ class DurableJournal(Journal):
         try:
             flush(fd)
         finally:
+            elapsed_s = time.monotonic() - started
             self._fsync_total += 1
-            self._fsync_seconds_total += time.monotonic() - started
+            self._fsync_seconds_total += elapsed_s
+            if self.fsync_observer is not None:
+                self.fsync_observer(elapsed_s)
 
 
 def _check_meta_shape(meta: object) -> None:

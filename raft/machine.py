@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -44,6 +45,21 @@ from raft.store import Store, applied_index_of
 
 log = logging.getLogger("ensync.raft")
 
+
+class _TruncationNotice(logging.Filter):
+    """pysyncobj logs every suffix truncation on a follower at CRITICAL, also
+    when the re-sent entries are identical; our journal then writes nothing
+    (raft/journal.py). Keep the line, at the level its reader needs: WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.CRITICAL and "truncating already-applied" in str(
+                record.msg):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_TruncationNotice())
+
 # pysyncobj chunks any command larger than its AppendEntries batch size, and that
 # path is buggy (reference/pysyncobj-rocksdict.md 6.2.3). The batch size is set
 # well above the largest command we build (``batch_bytes_max`` plus the batch
@@ -51,6 +67,10 @@ log = logging.getLogger("ensync.raft")
 APPEND_ENTRIES_BYTES_MAX = 8 << 20
 # Ops accepted by this node and not yet in a batch; beyond it writes fail fast.
 OPS_WAITING_MAX = 100_000
+# Calls waiting for the tick thread (admin actions such as a leadership transfer).
+TICK_CALLS_MAX = 64
+# pysyncobj's _RAFT_STATE values, by name.
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
 @dataclass
@@ -91,10 +111,17 @@ class ReplicatedBroker(SyncObj):
         self._on_applied = on_applied  # called on the tick thread
         self.snapshot_installs = 0
         self.apply_skipped = 0
+        # Written on the tick thread, read by scrapes: plain ints, no lock.
+        self.role_changes = collections.Counter()  # role entered -> times
+        self.leader_changes_total = 0
+        self._leadership: tuple[object, int] | None = None  # (leader node, term)
+        self._tick_calls: collections.deque[Callable[[], None]] = collections.deque()
 
         install_durable_journal()
         super().__init__(cfg.raft_address, list(cfg.peers.values()),
                          self._conf(), transportClass=SyncingTCPTransport)
+        self.addOnTickCallback(self._notice_leader)
+        self.addOnTickCallback(self._run_tick_calls)
         log.info("raft started address=%s applied=%d", cfg.raft_address, self.store.applied_index)
 
     def _conf(self) -> SyncObjConf:
@@ -121,7 +148,28 @@ class ReplicatedBroker(SyncObj):
             logCompactionSplit=False,
             commandsWaitLeader=True,
             dynamicMembershipChange=False,
+            onStateChanged=self._on_state_changed,
         )
+
+    # -- role and leader changes (tick thread) -----------------------------------
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        self.role_changes[ROLES[new]] += 1
+        # pysyncobj enters candidacy first and raises the term right after.
+        term = self.raftCurrentTerm + (ROLES[new] == "candidate")
+        log.info("role changed from=%s to=%s term=%d", ROLES[old], ROLES[new], term)
+
+    def _notice_leader(self) -> None:
+        """Count each new (leader, term): a follower sees elections only this way."""
+        leader = self._getLeader()
+        if leader is None:
+            return
+        leadership = (leader, self.raftCurrentTerm)
+        if leadership != self._leadership:
+            self._leadership = leadership
+            self.leader_changes_total += 1
+            log.info("leader known leader=%s term=%d",
+                     self.node_id_of(leader.address), leadership[1])
 
     # -- apply (tick thread) ---------------------------------------------------
 
@@ -142,11 +190,14 @@ class ReplicatedBroker(SyncObj):
         return applied.results
 
     def _resolve(self, effect):
-        """Attach the stored record to a push, since only this thread reads the DB."""
+        """(effect, record, queue): a push gets its stored record, since only this
+        thread reads the DB, and its queue (app, name) for per-queue counters."""
         if isinstance(effect, Push):
-            body = self.store.get(b"e/%04x/%012x" % (effect.p, effect.off))
-            return effect, body
-        return effect, None
+            key = (effect.p, effect.off)
+            body = self.store.get(b"e/%04x/%012x" % key)
+            ev = self.state.events.get(key) or self.state.dead.get(key)
+            return effect, body, None if ev is None else (ev.app, ev.name)
+        return effect, None, None
 
     # -- snapshots (tick thread) -----------------------------------------------
 
@@ -189,11 +240,51 @@ class ReplicatedBroker(SyncObj):
             os.rename(live, live + ".old")
             os.rename(fresh, live)
             self.store.open()
+            dead_lettered_total = self.state.dead_lettered_total
             self.state = BrokerState(self.store)
             self.state.load(self.store.state_rows())
+            # A counter, not state: it keeps counting across the swap.
+            self.state.dead_lettered_total = dead_lettered_total
             self.snapshot_installs += 1
         shutil.rmtree(live + ".old", ignore_errors=True)
-        self._on_applied([(Close("*", "snapshot installed"), None)])
+        self._on_applied([(Close("*", "snapshot installed"), None, None)])
+
+    # -- calls into pysyncobj from other threads ----------------------------------
+
+    def call_on_tick(self, call: Callable[[], None]) -> bool:
+        """Run ``call()`` on the tick thread, which alone may touch Raft state.
+
+        False when ``TICK_CALLS_MAX`` calls already wait: the caller backs off.
+        """
+        if len(self._tick_calls) >= TICK_CALLS_MAX:
+            return False
+        self._tick_calls.append(call)
+        return True
+
+    def request_transfer(self, target_id: str | None,
+                         done: Callable[[bool], None]) -> bool:
+        """Ask ``target_id`` (None: the most caught-up follower) to take over.
+
+        pysyncobj's TimeoutNow: the leader tells a fully caught-up follower to
+        start an election at once. ``done(sent)`` runs on the tick thread; True
+        only means the request left, not that leadership moved. Denied when this
+        node does not lead or the target lags behind the leader's log.
+        """
+        address = None if target_id is None else self.cfg.addresses[target_id]
+
+        def transfer() -> None:
+            self.transferLeadership(
+                address, lambda _, err: done(err == FAIL_REASON.SUCCESS))
+
+        return self.call_on_tick(transfer)
+
+    def _run_tick_calls(self) -> None:
+        for _ in range(len(self._tick_calls)):
+            call = self._tick_calls.popleft()
+            try:
+                call()
+            except Exception:
+                log.exception("call on the tick thread failed")
 
     # -- status (any thread) ----------------------------------------------------
 
@@ -219,6 +310,50 @@ class ReplicatedBroker(SyncObj):
 
     def journal(self):
         return durable_journal_of(self)
+
+    def statistics(self) -> RaftStatistics:
+        raw = self.getStatus()
+        leader = raw.get("leader")
+        commit = raw.get("commit_idx", 0)
+        return RaftStatistics(
+            role=ROLES.get(raw.get("state"), "follower"),
+            term=raw.get("raft_term", 0),
+            commit_index=commit,
+            # A follower learns the leader's commit index before it can commit
+            # the entries itself; readiness compares against the larger one.
+            known_commit_index=max(commit, raw.get("leader_commit_idx") or 0),
+            applied_index=raw.get("last_applied", 0),
+            log_entries=raw.get("log_len", 0),
+            leader=self.node_id_of(leader.address if leader is not None else None),
+            leader_connected=leader is not None and (
+                leader == self.selfNode or self.isNodeConnected(leader)),
+            has_quorum=bool(raw.get("has_quorum")),
+            follower_match={self.node_id_of(k[len("match_idx_server_"):]): v
+                            for k, v in raw.items()
+                            if k.startswith("match_idx_server_")},
+            role_changes=dict(self.role_changes),
+            leader_changes_total=self.leader_changes_total,
+            apply_skipped_total=self.apply_skipped,
+            snapshot_installs_total=self.snapshot_installs,
+        )
+
+
+@dataclass(frozen=True)
+class RaftStatistics:
+    role: str  # follower, candidate or leader
+    term: int
+    commit_index: int
+    known_commit_index: int  # the larger of ours and the leader's, as last heard
+    applied_index: int  # pysyncobj's, counting the no-op entries of new leaders
+    log_entries: int
+    leader: str | None
+    leader_connected: bool  # we lead, or our link to the leader is up
+    has_quorum: bool
+    follower_match: dict[str, int]  # leader only: follower id -> match index
+    role_changes: dict[str, int]  # role entered -> times, since start
+    leader_changes_total: int  # new (leader, term) pairs seen, since start
+    apply_skipped_total: int
+    snapshot_installs_total: int
 
 
 @dataclass
@@ -261,6 +396,9 @@ class Proposer:
         self.batches_total = 0
         self.ops_total = 0
         self.resubmits_total = 0
+        self.committed_ops = collections.Counter()  # op name -> committed, no error
+        # Seconds from propose() to its result, for each committed op.
+        self.commit_observer: Callable[[float], None] | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -286,6 +424,7 @@ class Proposer:
         if len(encoded) > self.cfg.batch_bytes_max:
             raise RequestRejected("operation is larger than one Raft entry may be",
                                   "PAYLOAD_TOO_LARGE")
+        started_s = time.monotonic()
         fut = self.loop.create_future()
         self._ops.append((encoded, fut))
         if not self._flush_scheduled:
@@ -294,11 +433,17 @@ class Proposer:
 
         timeout_s = self.cfg.write_timeout_ms / 1000
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except asyncio.TimeoutError:
             raise Unavailable(
                 f"no commit within {self.cfg.write_timeout_ms} ms, outcome unknown"
             ) from None
+
+        if not result.get("error"):
+            self.committed_ops[op["op"]] += 1
+        if self.commit_observer is not None:
+            self.commit_observer(time.monotonic() - started_s)
+        return result
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -371,7 +516,8 @@ class Proposer:
     def statistics(self) -> dict:
         return {"batches_total": self.batches_total, "ops_total": self.ops_total,
                 "batches_in_flight": len(self._open), "ops_waiting": len(self._ops),
-                "resubmits_total": self.resubmits_total}
+                "resubmits_total": self.resubmits_total,
+                "committed_ops": dict(self.committed_ops)}
 
 
 def now_ms() -> int:

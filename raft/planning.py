@@ -104,7 +104,8 @@ class Planning:
                 best = ev
         return best
 
-    def plan_expiry(self, now_ms: int, retention_ms: int, ops_max: int) -> list[dict]:
+    def plan_expiry(self, now_ms: int, term: int, retention_ms: int,
+                    ops_max: int) -> list[dict]:
         """Leader: expire queue heads older than the retention (oldest first per
         queue in commit order; a newer high-priority head defers the check)."""
         ops = []
@@ -119,7 +120,8 @@ class Planning:
                 if ev is not None and ev.born_ms + retention_ms <= now_ms:
                     self.planned[(ev.p, ev.off)] = now_ms
                     ops.append({"op": "expire", "p": ev.p, "off": ev.off,
-                                "retention_ms": retention_ms, "ts": now_ms})
+                                "retention_ms": retention_ms, "term": term,
+                                "ts": now_ms})
         return ops
 
     def forget_plans(self) -> None:

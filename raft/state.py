@@ -129,6 +129,8 @@ class StateStatistics:
     pending_events: int
     inflight_events: int
     resident_events: int  # in memory: queue windows, in flight, deferred
+    dead_events: int  # in the dead-letter queue now
+    dead_lettered_total: int  # moved to the DLQ since this replica loaded
 
 
 def _fail(code: str, message: str) -> dict:
@@ -164,10 +166,12 @@ class BrokerState(Planning):
         self.publish_keys: collections.OrderedDict[tuple[str, str], tuple[int, str]] = (
             collections.OrderedDict())
         self.index = 0  # Raft index of the entry being applied, for the audit
-        self._close_limit = DELIVERY_LIMIT_DEFAULT  # of the op being applied
         self.next_off: dict[int, int] = {}
         self.fence_term = 0
         self.clock_ms = 0
+        # Events this replica moved to the DLQ since it loaded; a counter for
+        # operators, never written to the store.
+        self.dead_lettered_total = 0
         # Leader-local planning memory; never replicated, reset on leader change.
         self.dirty_apps: set[str] = set()
         self.planned: dict[tuple[int, int], int] = {}
@@ -265,7 +269,7 @@ class BrokerState(Planning):
         """A pending event, from memory or, outside the window, from RocksDB."""
         ev = self.events.get(key)
         if ev is not None or self.reader is None:
-            return ev
+            return ev if ev is not None and ev.state == PENDING else None
         raw = self.reader.get(schema.delivery_key(*key))
         if raw is None:
             return None
@@ -334,7 +338,7 @@ class BrokerState(Planning):
         out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
         if op["disabled"]:
             for sid in list(self.app_sessions.get(op["app_id"], [])):
-                self._close_session(sid, "key disabled", out)
+                self._close_session(sid, "key disabled", out, _limit(op))
         return {"ok": True}
 
     def _op_key_rotate(self, op: dict, out: Applied) -> dict:
@@ -352,7 +356,7 @@ class BrokerState(Planning):
         out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
         out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
         for sid in list(self.app_sessions.get(op["app_id"], [])):
-            self._close_session(sid, "key rotated", out)
+            self._close_session(sid, "key rotated", out, _limit(op))
         return {"ok": True}
 
     def _op_barrier(self, op: dict, out: Applied) -> dict:
@@ -376,16 +380,15 @@ class BrokerState(Planning):
         self.app_sessions.setdefault(rec["app"], []).append(sid)
 
     def _op_session_close(self, op: dict, out: Applied) -> dict:
-        self._close_limit = _limit(op)
         if op["sid"] not in self.sessions:
             return {"ok": True}
-        self._close_session(op["sid"], op.get("reason", "closed"), out)
+        self._close_session(op["sid"], op.get("reason", "closed"), out, _limit(op))
         return {"ok": True}
 
-    def _close_session(self, sid: str, reason: str, out: Applied) -> None:
+    def _close_session(self, sid: str, reason: str, out: Applied, limit: int) -> None:
         session = self.sessions[sid]
         for pattern in list(session.subs):
-            self._drop_sub(sid, pattern, out)
+            self._drop_sub(sid, pattern, out, limit)
         del self.sessions[sid]
         self.app_sessions[session.app].remove(sid)
         self.closed_sessions.append(ClosedSession(
@@ -394,20 +397,18 @@ class BrokerState(Planning):
         out.effects.append(Close(sid, reason))
 
     def _op_node_boot(self, op: dict, out: Applied) -> dict:
-        self._close_limit = _limit(op)
         stale = [sid for sid, s in self.sessions.items()
                  if s.node == op["node"] and s.boot != op["boot"]]
         for sid in stale:
-            self._close_session(sid, "node restarted", out)
+            self._close_session(sid, "node restarted", out, _limit(op))
         return {"ok": True, "closed": len(stale)}
 
     def _op_node_down(self, op: dict, out: Applied) -> dict:
-        self._close_limit = _limit(op)
         if not self._fence(op, out):
             return _fail("STALE_TERM", "decision from an older term")
         gone = [sid for sid, s in self.sessions.items() if s.node == op["node"]]
         for sid in gone:
-            self._close_session(sid, "node unreachable", out)
+            self._close_session(sid, "node unreachable", out, _limit(op))
         return {"ok": True, "closed": len(gone)}
 
     def _op_sub(self, op: dict, out: Applied) -> dict:
@@ -426,23 +427,22 @@ class BrokerState(Planning):
         return {"ok": True}
 
     def _op_unsub(self, op: dict, out: Applied) -> dict:
-        self._close_limit = _limit(op)
         session = self.sessions.get(op["sid"])
         if session is None:
             return _fail("CLIENT_NOT_FOUND", "session is closed")
         if op["pattern"] not in session.subs:
             return _fail("NOT_FOUND", "no such subscription")
-        self._drop_sub(op["sid"], op["pattern"], out)
+        self._drop_sub(op["sid"], op["pattern"], out, _limit(op))
         return {"ok": True}
 
-    def _drop_sub(self, sid: str, pattern: str, out: Applied) -> None:
+    def _drop_sub(self, sid: str, pattern: str, out: Applied, limit: int) -> None:
         del self.sessions[sid].subs[pattern]
         out.writes[schema.sub_key(sid, pattern)] = None
         held = self.inflight.get((sid, pattern))
         if held is not None:
             ev = self.events[held]
             self._audit(ev, "returned", out, sid=sid, why="unsubscribed or closed")
-            self._return_to_queue(ev, out, self._close_limit)
+            self._return_to_queue(ev, out, limit)
 
     def _op_publish(self, op: dict, out: Applied) -> dict:
         if op["to"] not in self.apps:
@@ -609,6 +609,8 @@ class BrokerState(Planning):
             return None, _fail("NOT_FOUND", "no such event in flight")
         if ev.sid != op["sid"]:
             return None, _fail("UNAUTHORIZED", "event is held by another client")
+        if op.get("attempt") and op["attempt"] != ev.attempts:
+            return None, _fail("NOT_FOUND", "that delivery attempt is over")
         session.last_active_ms = self.clock_ms
         return ev, None
 
@@ -649,6 +651,7 @@ class BrokerState(Planning):
             del self.events[(ev.p, ev.off)]
             ev.state = DEAD
             self.dead[(ev.p, ev.off)] = ev
+            self.dead_lettered_total += 1
             self._audit(ev, "dead-lettered", out, attempts=ev.attempts, limit=limit)
         else:
             ev.state = PENDING
@@ -671,6 +674,8 @@ class BrokerState(Planning):
         """Leader: a pending event waited longer than the retention."""
         key = (op["p"], op["off"])
         self.planned.pop(key, None)
+        if not self._fence(op, out):
+            return _fail("STALE_TERM", "decision from an older term")
         ev = self._pending_event(key)
         if ev is None or ev.born_ms + op["retention_ms"] > self.clock_ms:
             return _fail("STALE", "event is not pending past its retention")
@@ -750,7 +755,8 @@ class BrokerState(Planning):
         pending = sum(q.pending for queues in self.queues.values()
                       for q in queues.values())
         return StateStatistics(len(self.apps), len(self.sessions), subs, pending,
-                               len(self.inflight), len(self.events))
+                               len(self.inflight), len(self.events), len(self.dead),
+                               self.dead_lettered_total)
 
 
 _HANDLERS = {

@@ -259,7 +259,13 @@ def node_command(node: NodePlan, nodes: list[NodePlan]) -> list[str]:
     command = [str(VENV_PYTHON), "-m", "node.main", "--id", node.node_id]
     command += ["--host", HOST, "--port", str(node.http_port)]
     command += ["--raft", node.raft_address, "--data-dir", str(node.data_dir)]
-    return command + (["--peers", peers] if peers else [])
+    if not peers:
+        return command
+    # The dashboard's cluster view asks the peers' /admin/status over HTTP.
+    peer_http = ",".join(
+        f"{peer.node_id}={peer.admin_url}" for peer in nodes if peer is not node
+    )
+    return command + ["--peers", peers, "--peer-http", peer_http]
 
 
 def spawn(node: NodePlan, nodes: list[NodePlan], token: str) -> int:

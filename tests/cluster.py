@@ -221,8 +221,16 @@ class Cluster:
         command += ["--raft-max-timeout-ms", str(self.raft_max_timeout_ms)]
         if peers:
             command += ["--peers", peers]
+            command += ["--peer-http", self._peer_http(node)]
         wrapper = self.wrappers.get(node.node_id, [])
         return wrapper + command + self.extra_flags + node.flags
+
+    def _peer_http(self, node: Node) -> str:
+        return ",".join(
+            f"{peer.node_id}={peer.admin_url}"
+            for peer in self.nodes.values()
+            if peer is not node
+        )
 
     def _spawn(self, node: Node) -> None:
         # A developer's ENSYNC_* settings must not leak into test nodes.

@@ -247,3 +247,42 @@ async def test_a_subscription_can_choose_its_own_ack_timeout(pair):
     with pytest.raises(ClientError, match="INVALID_PARAMETER"):
         await consumer.send(f"SUB;CLIENT_ID=:{consumer.client_id};"
                             f"EVENT_NAME=:job/x;ACK_TIMEOUT_MS=:5")
+
+
+async def test_nothing_is_pushed_after_paused_even_right_after_sub(pair):
+    publisher, consumer, to, _ = pair
+    idem = await publish(publisher, to, "queued")
+    frames = []
+    original = consumer._on_frame
+
+    def log_frame(text):
+        frames.append(text)
+        original(text)
+
+    consumer._on_frame = log_frame
+    sub = consumer.subscribe("job/run")
+    await asyncio.sleep(0.03)  # PAUSE while the record is held after SUB
+    paused = await consumer.send(f"PAUSE;CLIENT_ID=:{consumer.client_id};"
+                                 f"EVENT_NAME=:job/run")
+    await sub
+    assert paused == "PAUSED;EVENT_NAME=job/run"
+    assert await nothing_pushed(consumer, 0.5) or True  # drain what came before
+    pause_at = next(i for i, f in enumerate(frames) if f.startswith("+PASS:PAUSED"))
+    assert not any(f.startswith("+RECORD:") for f in frames[pause_at:]), frames
+    assert idem
+
+
+async def test_an_ack_naming_an_old_attempt_is_refused(pair):
+    publisher, consumer, to, _ = pair
+    await consumer.subscribe("job/run")
+    idem = await publish(publisher, to, "twice")
+    first = await next_record(consumer)
+    second = await next_record(consumer, timeout_s=ACK_TIMEOUT_MS / 1000 + 5)
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+
+    with pytest.raises(ClientError, match="NOT_FOUND"):
+        await consumer.send(f"ACK;CLIENT_ID=:{consumer.client_id};EVENT_IDEM=:{idem};"
+                            f"BLOCK=:{first['block']};ATTEMPT=:1")
+    assert await consumer.send(
+        f"ACK;CLIENT_ID=:{consumer.client_id};EVENT_IDEM=:{idem};"
+        f"BLOCK=:{second['block']};ATTEMPT=:2") == f"ACKNOWLEDGED;IDEM={idem}"

@@ -245,9 +245,16 @@ def test_completion_script_is_valid_bash():
 
 def test_completion_offers_commands_subcommands_and_flags():
     assert complete([""]) == sorted(
-        ["--cluster", "--help", "--timeout-ms", "--token", "--url", "completion",
-         "dlq", "keys", "sessions", "status", "trace"])
+        ["--cluster", "--help", "--timeout-ms", "--token", "--url", "apps",
+         "completion", "dlq", "keys", "leader", "nodes", "publish", "queues",
+         "sessions", "status", "subscribe", "trace"])
     assert complete(["dlq", ""])[-3:] == ["list", "requeue", "show"]
+    assert complete(["keys", ""])[-5:] == [
+        "create", "disable", "enable", "list", "rotate"]
+    assert complete(["leader", ""])[-2:] == ["step-down", "transfer"]
+    assert "--interval-ms" in complete(["status", "--"])
+    assert complete(["subscribe", "a/b", "--a"]) == ["--ack", "--as"]
+    assert complete(["publish", "--to", ""]) == []
     assert "--limit" in complete(["dlq", "list", "--"])
     assert complete(["--token", "t", "tr"]) == ["trace"]
     assert complete(["trace", "evt-0000-1", "--j"]) == ["--json"]

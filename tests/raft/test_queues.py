@@ -110,8 +110,8 @@ def test_retention_expires_old_heads_then_compacts_records_then_forgets_history(
     publish_many(state, db, 3)  # born at log time 5
     p = schema.partition_of("A")
 
-    assert state.plan_expiry(now_ms=1004, retention_ms=1000, ops_max=10) == []
-    ops = state.plan_expiry(now_ms=1005, retention_ms=1000, ops_max=10)
+    assert state.plan_expiry(now_ms=1004, term=1, retention_ms=1000, ops_max=10) == []
+    ops = state.plan_expiry(now_ms=1005, term=1, retention_ms=1000, ops_max=10)
     assert [op["off"] for op in ops] == [1]  # one head per queue per round
     assert run(state, db, *ops) == [{"ok": True}]
     assert state.statistics().pending_events == 2
@@ -128,3 +128,21 @@ def test_retention_expires_old_heads_then_compacts_records_then_forgets_history(
     assert db.get(schema.delivery_key(p, 1)) is None
     assert db.scan(schema.history_prefix(p, 1), schema.history_prefix(p, 1), None) == []
     assert db.scan(b"g/", b"g/", None) == []
+
+
+def test_a_stale_expire_cannot_touch_an_event_that_was_assigned_meanwhile():
+    db = DictReader()
+    state = setup(db)
+    publish_many(state, db, 1)
+    expire = state.plan_expiry(now_ms=2000, term=1, retention_ms=1000, ops_max=10)
+    state.forget_plans()  # the old leader's plan survives only as a proposal
+
+    run(state, db, {"op": "sub", "sid": "s1", "pattern": "q/x", "ts": 2000})
+    assigns = [op for op in state.plan(now_ms=2001, term=2, ack_timeout_ms=60_000,
+                                        ops_max=8) if op["op"] == "assign"]
+    run(state, db, *assigns)
+
+    assert run(state, db, *expire)[0]["error"] == "STALE_TERM"
+    expire[0]["term"] = 2
+    assert run(state, db, *expire)[0]["error"] == "STALE"
+    assert state.events[(assigns[0]["p"], 1)].state == "inflight"

@@ -840,3 +840,24 @@ def test_rotating_a_key_retires_the_old_hash_and_closes_sessions():
     assert applied.results == [{"ok": True}]
     assert state.key_hashes == {"h2": "A"}
     assert applied.writes[b"k/h1"] is None and "s1" not in state.sessions
+
+
+def test_an_answer_naming_an_older_attempt_is_not_found():
+    state = BrokerState()
+    state.apply([{"op": "key_create", "name": "a", "key_hash": "h1", "app_id": "A",
+                  "send": ["*"], "receive": ["*"], "ts": 1},
+                 {"op": "session_open", "sid": "s1", "app": "A", "node": "n1",
+                  "boot": "b", "ts": 1},
+                 {"op": "sub", "sid": "s1", "pattern": "x", "ts": 1},
+                 {"op": "publish", "from": "A", "to": "A", "name": "x",
+                  "payload": "", "metadata": {}, "ts": 1}])
+    for now in (10, 20, 21):  # deliver, time out, deliver again
+        state.apply(state.plan(now_ms=now, term=1, ack_timeout_ms=5, ops_max=4))
+    p = next(iter(state.events))[0]
+    idem = f"evt-{p:04x}-{1:012x}"
+
+    stale = state.apply([{"op": "ack", "sid": "s1", "idem": idem, "attempt": 1}])
+    fresh = state.apply([{"op": "ack", "sid": "s1", "idem": idem, "attempt": 2}])
+
+    assert stale.results[0]["error"] == "NOT_FOUND"
+    assert fresh.results == [{"ok": True, "idem": idem}]
