@@ -580,9 +580,20 @@ class BrokerState(Planning):
         ev = self.events.get((op["p"], op["off"]))
         if ev is None or ev.state != DEFERRED or ev.due_ms > self.clock_ms:
             return _fail("STALE", "event is not due")
-        ev.state, ev.due_ms = PENDING, 0
-        self._audit(ev, "released", out)
-        self._enqueue(ev, out)
+        ev.due_ms = 0
+        if ev.attempts >= _limit(op):
+            # Deferring counts as a delivery, as a delayed NAK does in JetStream:
+            # an event deferred on its last allowed delivery goes to the DLQ.
+            del self.events[(ev.p, ev.off)]
+            ev.state = DEAD
+            self.dead[(ev.p, ev.off)] = ev
+            self.dead_lettered_total += 1
+            self._audit(ev, "dead-lettered", out, attempts=ev.attempts,
+                        limit=_limit(op))
+        else:
+            ev.state = PENDING
+            self._audit(ev, "released", out)
+            self._enqueue(ev, out)
         self._write_delivery(ev, out)
         return {"ok": True}
 

@@ -861,3 +861,24 @@ def test_an_answer_naming_an_older_attempt_is_not_found():
 
     assert stale.results[0]["error"] == "NOT_FOUND"
     assert fresh.results == [{"ok": True, "idem": idem}]
+
+
+def test_an_event_deferred_on_its_last_allowed_delivery_goes_to_the_dlq_when_due():
+    state = BrokerState()
+    state.apply([{"op": "key_create", "name": "a", "key_hash": "h1", "app_id": "A",
+                  "send": ["*"], "receive": ["*"], "ts": 1},
+                 {"op": "session_open", "sid": "s1", "app": "A", "node": "n1",
+                  "boot": "b", "ts": 1},
+                 {"op": "sub", "sid": "s1", "pattern": "x", "ts": 1},
+                 {"op": "publish", "from": "A", "to": "A", "name": "x",
+                  "payload": "", "metadata": {}, "ts": 1}])
+    state.apply(state.plan(now_ms=10, term=1, ack_timeout_ms=60_000, ops_max=4))
+    key = next(iter(state.events))
+    idem = f"evt-{key[0]:04x}-{key[1]:012x}"
+    state.apply([{"op": "defer", "sid": "s1", "idem": idem, "delay_ms": 5, "ts": 11}])
+
+    releases = [op for op in state.plan(now_ms=20, term=1, ack_timeout_ms=60_000,
+                                        ops_max=4) if op["op"] == "release"]
+    state.apply([{**op, "delivery_limit": 1} for op in releases])
+
+    assert key in state.dead and key not in state.events
