@@ -86,8 +86,10 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ensync-mem-") as tmp:
+        # One pipelined publisher: lift the per-client frame rate limit.
         cluster = Cluster(size=3, base_dir=Path(tmp),
-                          extra_flags=["--compaction-min-entries", "50000"])
+                          extra_flags=["--compaction-min-entries", "50000",
+                                       "--client-frames-per-s-max", "1000000"])
         try:
             cluster.start()
             leader = cluster.leader()

@@ -80,7 +80,10 @@ async def bench(args) -> dict:
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "payload_bytes": len(payload), "phases": {}}
     with tempfile.TemporaryDirectory(prefix="ensync-bench-") as tmp:
-        cluster = Cluster(size=3, base_dir=Path(tmp))
+        # One pipelined connection is the point here: lift the per-client
+        # frame rate limit (client_frames_per_s_max, 2000 by default).
+        cluster = Cluster(size=3, base_dir=Path(tmp),
+                          extra_flags=["--client-frames-per-s-max", "1000000"])
         try:
             cluster.start()
             leader = cluster.leader()

@@ -90,7 +90,7 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=node.cfg.ws_heartbeat_ms / 1000,
                                max_msg_size=WS_MESSAGE_BYTES_MAX, compress=False)
     await ws.prepare(request)
-    conn = Connection(node, ws, request.remote or "?")
+    conn = Connection(node, ws, request.remote or "?", request.transport)
     await conn.run()
     return ws
 

@@ -65,6 +65,17 @@ SETTINGS = [
     ("log_json", bool, False, "log one JSON object per line instead of text"),
     ("ready_lag_entries_max", int, 100,
      "/ready fails while applied trails commit by more entries than this"),
+    ("client_frames_per_s_max", int, 20_000,
+     "frames per second per client connection (burst the same); more get "
+     "-FAIL:RATE_LIMITED"),
+    ("client_abuse_close_ms", int, 5000,
+     "a client over its frame rate this long is closed with 4008"),
+    ("connections_per_key_max", int, 256,
+     "connections per access key on this node; CONN beyond gets -FAIL:RATE_LIMITED"),
+    ("reply_bytes_max", int, 64 << 20,
+     "replies and pushes not yet written, per node; then the heaviest clients pause"),
+    ("client_write_buffer_bytes_max", int, 4 << 20,
+     "unwritten bytes to one client; a push beyond closes it with 4009"),
 ]
 
 
@@ -167,6 +178,11 @@ def build_config(s: dict) -> NodeConfig:
                       journal_bytes_max=s["journal_bytes_max"],
                       idle_after_ms=s["idle_after_ms"],
                       ready_lag_entries_max=s["ready_lag_entries_max"],
+                      client_frames_per_s_max=s["client_frames_per_s_max"],
+                      client_abuse_close_ms=s["client_abuse_close_ms"],
+                      connections_per_key_max=s["connections_per_key_max"],
+                      reply_bytes_max=s["reply_bytes_max"],
+                      client_write_buffer_bytes_max=s["client_write_buffer_bytes_max"],
                       peer_http=parse_peer_http(s["peer_http"]))
 
 

@@ -53,6 +53,13 @@ NODE_COUNTERS = {
     "stuck_follower_snapshots_total": "snapshots forced for a stuck follower",
     "journal_size_compactions_total": "snapshots forced by the journal's size",
     "bad_frames_total": "frames from clients of this node that did not parse",
+    "frames_rate_limited_total": "client frames refused over client_frames_per_s_max",
+    "abusive_closes_total": "clients closed with 4008 after client_abuse_close_ms",
+    "connections_per_key_rejected_total":
+        "CONNs refused over connections_per_key_max",
+    "reply_bytes_pauses_total": "client reads paused while reply_bytes_max was full",
+    "slow_consumer_closes_total":
+        "clients closed with 4009 over client_write_buffer_bytes_max",
 }
 
 
@@ -255,6 +262,11 @@ def _broker_families(state, node) -> Iterator[Metric]:
     yield _gauge("ensync_apps", "access keys (apps)", state.apps)
     yield _gauge("ensync_clients", "WebSocket sessions served by this node",
                  len(node.connections))
+    yield _gauge("ensync_client_sockets", "WebSocket connections open on this node",
+                 node.live_connections)
+    yield _gauge("ensync_reply_bytes",
+                 "reply and push text built and not yet written, this node",
+                 node.reply_bytes)
 
     for key, documentation in NODE_COUNTERS.items():
         yield _counter("ensync_" + key, documentation, node.counters.get(key, 0))

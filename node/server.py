@@ -44,7 +44,8 @@ ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 RETENTION_OPS_MAX = 256
 # Ops that can hand an in-flight event back, so may send it to the DLQ.
 RETURNING_OPS = frozenset({"session_close", "node_boot", "node_down", "unsub",
-                           "rollback", "requeue", "key_disable", "key_rotate"})
+                           "rollback", "requeue", "key_disable", "key_rotate",
+                           "release"})
 # Client ops committed through this node, counted for the dashboard's rates.
 COUNTED_OPS = {"publish": "publishes_total", "ack": "acks_total"}
 # Leadership transfer: how long an admin call waits for the new leader, how often
@@ -77,6 +78,12 @@ class NodeConfig:
     dedup_window_ms: int = 120_000
     idle_after_ms: int = 60_000
     ready_lag_entries_max: int = 100  # /ready: applied may trail commit this much
+    # Client limits (node/session.py, node/limits.py; docs/PROTOCOL.md "Limits").
+    client_frames_per_s_max: int = 20_000
+    client_abuse_close_ms: int = 5000
+    connections_per_key_max: int = 256
+    reply_bytes_max: int = 64 << 20
+    client_write_buffer_bytes_max: int = 4 << 20
     peer_http: dict[str, str] = field(default_factory=dict)  # id -> http://host:port
 
     @property
@@ -102,6 +109,12 @@ class Node:
         self._node_down_sent_ms: dict[str, int] = {}
         self.counters = collections.Counter()
         self.delivery_rates = DeliveryRates()
+        # Client limits: open sockets, sessions per app (access key) on this
+        # node, and reply and push text built but not yet written.
+        self.live_connections = 0
+        self.key_connections: collections.Counter = collections.Counter()
+        self._keys_warned: set[str] = set()
+        self.reply_bytes = 0
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._dispatch_loop()))
@@ -164,6 +177,25 @@ class Node:
         if body is None or state is None:
             return None
         return orjson.loads(body), orjson.loads(state)
+
+    def take_key_slot(self, app: str) -> bool:
+        """One more connection for ``app`` here, unless it has its maximum."""
+        if self.key_connections[app] >= self.cfg.connections_per_key_max:
+            self.counters["connections_per_key_rejected_total"] += 1
+            if app not in self._keys_warned:  # bounded by the number of apps
+                self._keys_warned.add(app)
+                log.warning("too many connections for a key app=%s max=%d", app,
+                            self.cfg.connections_per_key_max)
+            return False
+        self.key_connections[app] += 1
+        return True
+
+    def release_key_slot(self, app: str) -> None:
+        assert self.key_connections[app] > 0
+
+        self.key_connections[app] -= 1
+        if not self.key_connections[app]:
+            del self.key_connections[app]
 
     def new_session_id(self) -> str:
         return f"{self.id}.{self.boot}.{next(self._session_seq)}"

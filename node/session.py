@@ -13,6 +13,21 @@ full the reader stops reading: backpressure lands on the client's socket.
 
 Every failure a client can cause becomes one ``-FAIL:`` reply; nothing a client
 sends can raise out of this module.
+
+Limits a client can hit (docs/PROTOCOL.md, "Limits"), each counted in /metrics
+and warned about once per connection or key:
+
+- frames per second (node/limits.py): an excess frame gets ``RATE_LIMITED``;
+  one refused for ``client_abuse_close_ms`` closes the socket with 4008.
+- connections per access key on this node: the CONN beyond it is refused.
+- reply memory per node (``reply_bytes_max``): replies and pushes built but not
+  yet written. When full, the connections holding at least the mean pause their
+  readers, the existing backpressure path. Chosen over refusing new requests:
+  the SDK reports any ``-FAIL`` to the application and never retries, while a
+  pause costs the heavy holders latency and leaves light clients untouched.
+- the socket's write buffer (``client_write_buffer_bytes_max``): a client that
+  does not read its pushes is closed with 4009; its in-flight records go back
+  to their queues through the usual session close.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from aiohttp import WSMsgType, web
 
 from node import protocol
 from node.errors import BrokerError, ProtocolError, RequestRejected
+from node.limits import FrameRate, Verdict, must_pause
 from raft import schema
 from raft.machine import now_ms
 
@@ -33,6 +49,18 @@ log = logging.getLogger("ensync.session")
 
 # Requests read but not yet answered, per connection; the reader waits beyond it.
 PENDING_REQUESTS_MAX = 1024
+# Closing a client that hit a limit: how long its close handshake may take before
+# the socket is dropped with whatever it still had buffered.
+LIMIT_CLOSE_TIMEOUT_MS = 5000
+CLOSE_ABUSIVE = 4008
+CLOSE_SLOW_CONSUMER = 4009
+# How often a reader paused by reply_bytes_max looks again.
+REPLY_PAUSE_CHECK_MS = 20
+# Reply memory a request holds from when it is read until it is answered: most
+# replies are one short line; a REPLAY carries a whole record.
+REPLY_BYTES_RESERVED = 256
+REPLY_BYTES_RESERVED_LARGE = protocol.FRAME_BYTES_MAX + protocol.RECORD_OVERHEAD_BYTES
+LARGE_REPLY_VERBS = frozenset({"REPLAY"})
 # Spec 9.4: the SDK may drop a record pushed right after +PASS:SUBSCRIBED.
 PUSH_HOLD_AFTER_SUB_MS = 200
 # Event names and subscription patterns: printable ASCII, no spaces or ';'.
@@ -61,10 +89,14 @@ def covers(granted: str, wanted: str) -> bool:
 
 
 class Connection:
-    def __init__(self, node, ws: web.WebSocketResponse, peer: str) -> None:
+    def __init__(self, node, ws: web.WebSocketResponse, peer: str,
+                 transport=None) -> None:
         self.node = node
         self.ws = ws
         self.peer = peer
+        # asyncio.Transport of the socket: its write buffer size shows a client
+        # that does not read (None in tests without a socket).
+        self.transport = transport
         self.sid: str | None = None
         self.app: str | None = None
         self.replies: asyncio.Queue = asyncio.Queue(PENDING_REQUESTS_MAX)
@@ -77,24 +109,121 @@ class Connection:
         # CONN waits on CONN: a second one pipelined behind the first must see
         # the session the first one opened.
         self._conn_lock = asyncio.Lock()
+        cfg = node.cfg
+        self.rate = FrameRate(cfg.client_frames_per_s_max, cfg.client_abuse_close_ms,
+                              _monotonic_ms())
+        # Reply and push text built and not yet written (node.reply_bytes' share).
+        self.held_bytes = 0
+        self._gone = False
+        self._closing = False
+        self._key_slot: str | None = None
+        self._warned: set[str] = set()
 
     # -- reading ----------------------------------------------------------------
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_replies())
+        self.node.live_connections += 1
         try:
             async for msg in self.ws:
-                if msg.type == WSMsgType.TEXT:
-                    await self._on_text(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await self._enqueue(_failed(ProtocolError(
-                        "binary frames are not part of the protocol")))
-                elif msg.type == WSMsgType.ERROR:
+                if msg.type == WSMsgType.ERROR:
+                    break
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                if not await self._admit(msg):
                     break
         finally:
             writer.cancel()
+            self._gone = True
             self._drop_unsent_replies()
+            self._forget_held_bytes()
+            self.node.live_connections -= 1
+            if self._key_slot is not None:
+                self.node.release_key_slot(self._key_slot)
             await self.node.on_disconnect(self)
+
+    async def _admit(self, msg) -> bool:
+        """One frame through the rate limit; False once the socket must close."""
+        verdict = self.rate.frame(_monotonic_ms())
+        if verdict is Verdict.CLOSE:
+            self.node.counters["abusive_closes_total"] += 1
+            log.warning("closing abusive client peer=%s sid=%s rejected=%d",
+                        self.peer, self.sid, self.rate.rejected_total)
+            await self._close_for_limit(CLOSE_ABUSIVE, b"frame rate limit exceeded")
+            return False
+        if verdict is Verdict.REJECT:
+            self._count_rate_limited()
+            if msg.type != WSMsgType.TEXT or msg.data != "PONG":
+                await self._enqueue(_failed(RequestRejected(
+                    f"more than {self.rate.rate_per_s} frames per second",
+                    "RATE_LIMITED")))
+            return True
+
+        await self._wait_for_reply_memory()
+        if msg.type == WSMsgType.TEXT:
+            await self._on_text(msg.data)
+        else:
+            await self._enqueue(_failed(ProtocolError(
+                "binary frames are not part of the protocol")))
+        return True
+
+    def _count_rate_limited(self) -> None:
+        self.node.counters["frames_rate_limited_total"] += 1
+        self._warn_once("rate", "client over its frame rate peer=%s sid=%s "
+                        "frames_per_s_max=%d", self.peer, self.sid,
+                        self.rate.rate_per_s)
+
+    def _warn_once(self, what: str, message: str, *args) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning(message, *args)
+
+    async def _wait_for_reply_memory(self) -> None:
+        """Backpressure while the node's reply memory is full (reply_bytes_max)."""
+        node = self.node
+        paused = False
+        while not self.ws.closed and must_pause(
+                self.held_bytes, node.reply_bytes, node.cfg.reply_bytes_max,
+                node.live_connections):
+            if not paused:
+                paused = True
+                node.counters["reply_bytes_pauses_total"] += 1
+                self._warn_once("memory", "reply memory full, pausing reads "
+                                "peer=%s sid=%s held_bytes=%d node_bytes=%d",
+                                self.peer, self.sid, self.held_bytes,
+                                node.reply_bytes)
+            await asyncio.sleep(REPLY_PAUSE_CHECK_MS / 1000)
+
+    def _hold(self, size: int) -> None:
+        if not self._gone:
+            self.held_bytes += size
+            self.node.reply_bytes += size
+
+    def _release(self, size: int) -> None:
+        if not self._gone:
+            self.held_bytes -= size
+            self.node.reply_bytes -= size
+
+    def _forget_held_bytes(self) -> None:
+        """The socket is gone: what it held is garbage now, or soon."""
+        self.node.reply_bytes -= self.held_bytes
+        self.held_bytes = 0
+
+    async def _close_for_limit(self, code: int, reason: bytes) -> None:
+        """Close with ``code``; drop the socket if the client does not answer.
+
+        A client that does not read never answers the close frame, and its
+        unread bytes would keep the socket (and the memory) alive; after
+        ``LIMIT_CLOSE_TIMEOUT_MS`` the transport is aborted.
+        """
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason,
+                                                 drain=False),
+                                   LIMIT_CLOSE_TIMEOUT_MS / 1000)
+        except (asyncio.TimeoutError, ConnectionError):
+            if self.transport is not None:
+                self.transport.abort()
 
     def _drop_unsent_replies(self) -> None:
         """The socket is gone: nobody will read these replies, or their errors."""
@@ -112,7 +241,9 @@ class Connection:
             self._count_bad_frame(exc)
             await self._enqueue(_failed(exc))
             return
-        await self._enqueue(self._handle(request))
+        reserved = (REPLY_BYTES_RESERVED_LARGE if request.verb in LARGE_REPLY_VERBS
+                    else REPLY_BYTES_RESERVED)
+        await self._enqueue(self._handle(request), reserved)
 
     def _count_bad_frame(self, exc: ProtocolError) -> None:
         # INFO for the first one only: a client looping on a bad frame must not
@@ -123,15 +254,30 @@ class Connection:
         log.log(level, "bad frame peer=%s code=%s count=%d", self.peer, exc.code,
                 self.bad_frames_total)
 
-    async def _enqueue(self, awaitable) -> None:
-        task = asyncio.ensure_future(awaitable)
+    async def _enqueue(self, awaitable, reserved: int = REPLY_BYTES_RESERVED) -> None:
+        # Counted at its largest before it runs: requests already read run
+        # before the reader looks at reply memory again.
+        self._hold(reserved)
+        task = asyncio.ensure_future(self._accounted(awaitable, reserved))
         await self.replies.put(task)
+
+    async def _accounted(self, awaitable, reserved: int) -> str:
+        """The reply, counted in reply memory until it is written."""
+        try:
+            reply = await awaitable
+        except BaseException:
+            self._release(reserved)
+            raise
+        self._hold(len(reply) - reserved)
+        return reply
 
     async def _write_replies(self) -> None:
         while True:
             task = await self.replies.get()
+            held = 0
             try:
                 reply = await task
+                held = len(reply)
             except BrokerError as exc:
                 reply = exc.wire()
             except asyncio.CancelledError:
@@ -139,12 +285,14 @@ class Connection:
             except Exception:
                 log.exception("request failed unexpectedly")
                 reply = "-FAIL:INTERNAL_ERROR;MESSAGE=internal error"
-            if self.ws.closed:
-                continue
+
             try:
-                await self.ws.send_str(reply)
+                if not self.ws.closed:
+                    await self.ws.send_str(reply)
             except ConnectionError:
                 return
+            finally:
+                self._release(held)
 
     # -- requests ----------------------------------------------------------------
 
@@ -179,9 +327,21 @@ class Connection:
         if self.sid is not None:
             raise RequestRejected("connection is bound to another key", "UNAUTHORIZED")
 
+        # Take the slot before the commit: CONNs racing on other sockets of
+        # the same key must see it taken (STYLE.md 8).
+        if not self.node.take_key_slot(app):
+            raise RequestRejected("too many connections for this key", "RATE_LIMITED")
         sid = self.node.new_session_id()
-        await self.node.commit({"op": "session_open", "sid": sid, "app": app,
-                                "node": self.node.id, "boot": self.node.boot})
+        try:
+            await self.node.commit({"op": "session_open", "sid": sid, "app": app,
+                                    "node": self.node.id, "boot": self.node.boot})
+        except BaseException:
+            self.node.release_key_slot(app)
+            raise
+        if self._gone:  # the socket closed while the CONN committed
+            self.node.release_key_slot(app)
+        else:
+            self._key_slot = app
         self.sid, self.app = sid, app
         self.node.connections[sid] = self
         return protocol.conn_passed(sid, app)
@@ -317,11 +477,32 @@ class Connection:
             handle = loop.call_later(hold_s, self._release_held, args)
             self._held.setdefault(pattern, []).append((handle, args))
             return
+        if self.ws.closed or self._closing:
+            return  # the record goes back to its queue when the session closes
+        waiting = self.held_bytes + self._write_buffer_bytes()
+        if waiting > self.node.cfg.client_write_buffer_bytes_max:
+            self._close_slow_consumer(waiting)
+            return
+
         self.pushes_total += 1
         record = orjson.loads(body)
         record["attempt"] = attempt
         frame = protocol.record_frame(record)
+        self._hold(len(frame))
         asyncio.ensure_future(self._send_push(frame))
+
+    def _write_buffer_bytes(self) -> int:
+        if self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size()
+
+    def _close_slow_consumer(self, waiting_bytes: int) -> None:
+        self.node.counters["slow_consumer_closes_total"] += 1
+        log.warning("slow consumer, closing peer=%s sid=%s waiting_bytes=%d",
+                    self.peer, self.sid, waiting_bytes)
+        self._closing = True
+        asyncio.ensure_future(self._close_for_limit(CLOSE_SLOW_CONSUMER,
+                                                    b"slow consumer"))
 
     def _release_held(self, args: tuple) -> None:
         held = self._held.get(args[0], [])
@@ -329,12 +510,13 @@ class Connection:
         self.push(*args)
 
     async def _send_push(self, frame: str) -> None:
-        if self.ws.closed:
-            return
         try:
-            await self.ws.send_str(frame)
+            if not self.ws.closed:
+                await self.ws.send_str(frame)
         except ConnectionError:
             pass  # the disconnect path hands the record on
+        finally:
+            self._release(len(frame))
 
 
 def _int_param(req: protocol.Request, key: str, default: int, low: int,
@@ -395,3 +577,7 @@ def _metadata(raw: str | None) -> dict:
 
 async def _failed(exc: BrokerError) -> str:
     return exc.wire()
+
+
+def _monotonic_ms() -> int:
+    return int(asyncio.get_running_loop().time() * 1000)
