@@ -4,7 +4,10 @@
     ├── ProtocolError            a frame we cannot parse or that lacks parameters
     ├── RequestRejected          a well-formed request the state machine refuses
     │   └── NotLeader            an action only the Raft leader can take
-    └── Unavailable              no quorum, or the write did not commit in time
+    ├── Unavailable              no quorum, or the write did not commit in time
+    └── JournalError             the Raft journal's files cannot be trusted or written
+        ├── JournalFormatError   not our file, or its meta file is unreadable
+        └── JournalIOError       a write or flush failed; no sync is trusted after it
 
 ``code`` is the token that follows ``-FAIL:`` on the wire (spec section 3.13).
 Messages are short, lowercase, and never contain exception text from a library:
@@ -46,3 +49,22 @@ class NotLeader(RequestRejected):
     def __init__(self, leader: str | None) -> None:
         super().__init__("only the leader can do this")
         self.leader = leader
+
+
+class JournalError(BrokerError):
+    """The Raft journal's files cannot be trusted or written."""
+
+    code = "JOURNAL_ERROR"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"journal {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class JournalFormatError(JournalError):
+    """The file is not ours, or its meta file is unreadable."""
+
+
+class JournalIOError(JournalError):
+    """A write or flush failed. The journal refuses further syncs after this."""

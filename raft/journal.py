@@ -87,6 +87,8 @@ from collections.abc import Callable, Sequence
 import orjson
 from pysyncobj.journal import Journal
 
+from node.errors import JournalError, JournalFormatError, JournalIOError
+
 logger = logging.getLogger(__name__)
 
 UNSAFE_SKIP_FSYNC_ENV = "ENSYNC_UNSAFE_SKIP_FSYNC"
@@ -107,25 +109,6 @@ _CRC_HEAD = struct.Struct("<IQQ")  # length, idx, term: what the crc covers
 _HEADER_BYTES = len(FILE_MAGIC)
 
 Entry = tuple[bytes, int, int]  # (command, idx, term), the shape pysyncobj expects
-
-
-class JournalError(Exception):
-    """The journal's files cannot be trusted or written."""
-
-    # TODO(#journal-errors): move this tree into errors.py once that module exists.
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"journal {path}: {reason}")
-
-
-class JournalFormatError(JournalError):
-    """The file is not ours, or its meta file is unreadable."""
-
-
-class JournalIOError(JournalError):
-    """A write or flush failed. The journal refuses further syncs after this."""
 
 
 @dataclasses.dataclass(frozen=True)
