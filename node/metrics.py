@@ -226,6 +226,9 @@ def _proposer_families(prop: dict) -> Iterator[Metric]:
                    prop["ops_total"])
     yield _counter("ensync_raft_batch_resubmits_total",
                    "entries proposed again after no answer", prop["resubmits_total"])
+    yield _counter("ensync_raft_mismatched_callbacks_total",
+                   "pysyncobj answers that named another batch (resubmitted)",
+                   prop["mismatched_callbacks_total"])
     yield _gauge("ensync_raft_batches_in_flight", "entries proposed, not yet applied",
                  prop["batches_in_flight"])
     yield _gauge("ensync_raft_ops_waiting", "ops waiting for a free batch slot",

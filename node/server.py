@@ -236,6 +236,11 @@ class Node:
 
     def _deliver(self, push: Push, body: bytes) -> None:
         conn = self.connections.get(push.sid)
+        if conn is not None and self._superseded(push):
+            # Applied late here (a lagging node): by now the event was requeued,
+            # redelivered or answered; pushing this attempt would only mislead.
+            self.counters["superseded_pushes_total"] += 1
+            return
         if conn is not None:
             self.counters["deliveries_total"] += 1
             if push.attempt > 1:
@@ -244,6 +249,11 @@ class Node:
         elif push.sid.startswith(self.id + "."):
             # Ours, but the socket is gone and its close has not committed yet.
             asyncio.ensure_future(self._close_session(push.sid, "socket gone"))
+
+    def _superseded(self, push: Push) -> bool:
+        with self.broker.lock:
+            ev = self.broker.state.events.get((push.p, push.off))
+            return ev is None or ev.sid != push.sid or ev.attempts != push.attempt
 
     def _close_local(self, close: Close) -> None:
         if close.sid == "*":  # a snapshot replaced the state: drop what it lacks

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import itertools
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
+import pysyncobj.tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from node.errors import RequestRejected, Unavailable
@@ -98,6 +101,74 @@ class RaftConfig:
         self.addresses = {self.node_id: self.raft_address, **self.peers}
 
 
+def raft_source_host(raft_address: str) -> str | None:
+    """The host outgoing Raft connections should leave from, or None.
+
+    None (let the kernel choose, as pysyncobj does) for 127.0.0.1, the default
+    single-machine layout, and for anything that is not an IP literal. Any other
+    address is this node's own (its Raft server binds it), so a connection that
+    leaves from it looks, to a peer and to a firewall, like it comes from this node.
+    """
+    host = raft_address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_unspecified or host == "127.0.0.1":
+        return None
+    return host
+
+
+_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
+
+
+class _SourceBoundSockets:
+    """Stands in for the ``socket`` module inside ``pysyncobj.tcp_connection``.
+
+    ``TcpConnection.connect`` makes its socket with ``socket.socket(...)`` and
+    connects it at once, with no bind and no hook in between; that module uses
+    ``socket`` for nothing else but constants and exceptions, which pass through.
+    A socket made here is bound to ``host`` (port chosen at connect) first.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._warned = False
+
+    def __getattr__(self, name: str):
+        return getattr(socket, name)
+
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM, *args):
+        sock = socket.socket(family, type, *args)
+        if family != self.family:
+            return sock
+        try:
+            if _BIND_ADDRESS_NO_PORT is not None:  # Linux: no port held until connect
+                sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.host, 0))
+        except OSError as exc:
+            # Raising here would end pysyncobj's tick thread; connect unbound.
+            if not self._warned:
+                self._warned = True
+                log.warning("raft source bind failed host=%s error=%s", self.host, exc)
+        return sock
+
+
+def install_raft_source_address(host: str | None) -> None:
+    """Make pysyncobj's outgoing peer connections leave from ``host``. Opt-in.
+
+    pysyncobj binds its listening socket to ``bindAddress`` but connects to peers
+    from whatever source address the kernel picks: on one machine with nodes on
+    127.0.0.2-4, every link would come from 127.0.0.1, and a firewall rule per
+    node address (jepsen-lite's partitions) could not tell the links apart.
+    Process-wide, like ``install_durable_journal``: a node runs one SyncObj.
+    ``None`` restores pysyncobj's own behaviour.
+    """
+    pysyncobj.tcp_connection.socket = (
+        socket if host is None else _SourceBoundSockets(host))
+
+
 class ReplicatedBroker(SyncObj):
     """One Raft group whose log entries are batches of broker operations."""
 
@@ -118,6 +189,9 @@ class ReplicatedBroker(SyncObj):
         self._tick_calls: collections.deque[Callable[[], None]] = collections.deque()
 
         install_durable_journal()
+        source_host = raft_source_host(cfg.raft_address)
+        if source_host is not None:
+            install_raft_source_address(source_host)
         super().__init__(cfg.raft_address, list(cfg.peers.values()),
                          self._conf(), transportClass=SyncingTCPTransport)
         self.addOnTickCallback(self._notice_leader)
@@ -187,7 +261,9 @@ class ReplicatedBroker(SyncObj):
             effects = [self._resolve(e) for e in applied.effects]
         if effects:
             self._on_applied(effects)
-        return applied.results
+        # The batch id travels back with the results: the proposer checks that
+        # a callback answers the batch it was registered for.
+        return batch["id"], applied.results
 
     def _resolve(self, effect):
         """(effect, record, queue): a push gets its stored record, since only this
@@ -396,6 +472,7 @@ class Proposer:
         self.batches_total = 0
         self.ops_total = 0
         self.resubmits_total = 0
+        self.mismatched_callbacks_total = 0
         self.committed_ops = collections.Counter()  # op name -> committed, no error
         # Seconds from propose() to its result, for each committed op.
         self.commit_observer: Callable[[float], None] | None = None
@@ -488,8 +565,18 @@ class Proposer:
             if batch.batch_id not in self._open:
                 continue  # answered already, or given up
             if err == FAIL_REASON.SUCCESS and result is not None:
+                if result[0] != batch.batch_id:
+                    # pysyncobj called back with another entry's result (seen
+                    # around snapshot installs under partitions). Never trust
+                    # it: resubmit, and the dedup table answers correctly.
+                    self.mismatched_callbacks_total += 1
+                    if self.mismatched_callbacks_total == 1:
+                        log.warning("raft callback answered another batch; "
+                                    "resubmitting batch=%s", batch.batch_id)
+                    batch.failed = True
+                    continue
                 del self._open[batch.batch_id]
-                for fut, res in zip(batch.futures, result):
+                for fut, res in zip(batch.futures, result[1]):
                     if not fut.done():
                         fut.set_result(res)
             else:
@@ -517,6 +604,7 @@ class Proposer:
         return {"batches_total": self.batches_total, "ops_total": self.ops_total,
                 "batches_in_flight": len(self._open), "ops_waiting": len(self._ops),
                 "resubmits_total": self.resubmits_total,
+                "mismatched_callbacks_total": self.mismatched_callbacks_total,
                 "committed_ops": dict(self.committed_ops)}
 
 
