@@ -88,9 +88,20 @@ class Client:
 
         The caller bounds how many are outstanding (its window)."""
         fut = asyncio.get_running_loop().create_future()
+        if self._ws is None or self._ws.closed or (
+                self._reader is not None and self._reader.done()):
+            # Nobody would ever read the reply: fail now, not at the caller's timeout.
+            fut.set_exception(ClientError("DISCONNECTED", "connection closed"))
+            return fut
         self._pending.append(fut)
-        asyncio.ensure_future(self._ws.send_str(frame))
+        asyncio.ensure_future(self._send_or_fail(frame))
         return fut
+
+    async def _send_or_fail(self, frame: str) -> None:
+        try:
+            await self._ws.send_str(frame)
+        except (ConnectionError, RuntimeError):
+            pass  # the reader ends and fails every pending reply
 
     def publish(self, name: str, to: str, payload_b64: str, metadata: dict | None = None):
         meta = orjson.dumps(metadata or {}).decode()

@@ -96,3 +96,17 @@ async def test_the_server_pings_and_takes_pong_without_replying(cluster_factory)
         assert (await client.subscribe("a/b")) == "SUBSCRIBED;EVENT_NAME=a/b"
     finally:
         await client.close()
+
+
+async def test_our_client_fails_a_request_on_a_closed_socket_at_once(cluster_factory):
+    cluster = cluster_factory(1)
+    key = cluster.create_key("closed-client", ["*"], ["*"])
+    client = Client(cluster.ws_url("n1"))
+    await client.connect(key["access_key"])
+    await client.close()
+
+    started = time.monotonic()
+    with pytest.raises(ClientError) as failure:
+        await asyncio.wait_for(client.subscribe("a/b"), 5)
+    assert failure.value.code == "DISCONNECTED"
+    assert time.monotonic() - started < 1
