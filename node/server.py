@@ -40,6 +40,10 @@ from raft.state import Close, Push
 log = logging.getLogger("ensync.node")
 
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+# A node further behind its known commit index than this holds its pushes, and
+# looks again this often: entries it has not applied may supersede them.
+PUSH_LAG_ENTRIES_MAX = 32
+PUSH_LAG_RECHECK_MS = 20
 # Expiries, and events compacted or forgotten, per leader round.
 RETENTION_OPS_MAX = 256
 # Ops that can hand an in-flight event back, so may send it to the DLQ.
@@ -236,6 +240,11 @@ class Node:
 
     def _deliver(self, push: Push, body: bytes) -> None:
         conn = self.connections.get(push.sid)
+        if conn is not None and self._lagging():
+            # This node is far behind the log (it was paused or cut off): later
+            # entries may requeue or ack this event. Push once caught up.
+            self.loop.call_later(PUSH_LAG_RECHECK_MS / 1000, self._deliver, push, body)
+            return
         if conn is not None and self._superseded(push):
             # Applied late here (a lagging node): by now the event was requeued,
             # redelivered or answered; pushing this attempt would only mislead.
@@ -249,6 +258,10 @@ class Node:
         elif push.sid.startswith(self.id + "."):
             # Ours, but the socket is gone and its close has not committed yet.
             asyncio.ensure_future(self._close_session(push.sid, "socket gone"))
+
+    def _lagging(self) -> bool:
+        behind = self.broker.raftCommitIndex - self.broker.raftLastApplied
+        return behind > PUSH_LAG_ENTRIES_MAX
 
     def _superseded(self, push: Push) -> bool:
         with self.broker.lock:
