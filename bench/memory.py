@@ -68,15 +68,6 @@ def applied_everywhere(cluster: Cluster) -> bool:
     return len(indexes) == 1
 
 
-def metric(cluster: Cluster, node_id: str, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(cluster.admin_url(node_id) + "/metrics") as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
@@ -100,8 +91,9 @@ def main() -> int:
                                        args.events, args.queues))
             cluster.wait_for(lambda: applied_everywhere(cluster), 300, "replicas")
             after = all_rss(cluster)
-            pending = metric(cluster, leader, "ensync_pending_events")
-            resident = metric(cluster, leader, "ensync_resident_events")
+            scrape = cluster.metrics(leader)
+            pending = scrape["ensync_pending_events"]
+            resident = scrape["ensync_resident_events"]
             follower = next(n for n in cluster.node_ids if n != leader)
             cluster.kill(follower)
             cluster.restart(follower)

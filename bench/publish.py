@@ -66,15 +66,6 @@ async def run_phase(url: str, key: dict, to: str, events: int, window: int,
             "mean_ms": round(statistics.fmean(latencies_ms), 2)}
 
 
-def metric(cluster: Cluster, node_id: str, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(cluster.admin_url(node_id) + "/metrics") as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
-
-
 async def bench(args) -> dict:
     payload = base64.b64encode(os.urandom(args.payload_bytes * 3 // 4)).decode()
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -96,12 +87,11 @@ async def bench(args) -> dict:
                       ("pipelined_follower", follower, args.events, args.window)]
             for name, node_id, events, window in phases:
                 print(f"{name}: {events} events, window {window}", file=sys.stderr)
-                before = (metric(cluster, leader, "ensync_raft_batches_total"),
-                          metric(cluster, leader, "ensync_journal_fsync_total"))
+                fsyncs = "ensync_journal_fsync_total"
+                before = cluster.metrics(leader)[fsyncs]
                 r = await run_phase(cluster.ws_url(node_id), pub, sink["app_id"],
                                     events, window, payload)
-                r["leader_fsyncs"] = int(
-                    metric(cluster, leader, "ensync_journal_fsync_total") - before[1])
+                r["leader_fsyncs"] = int(cluster.metrics(leader)[fsyncs] - before)
                 results["phases"][name] = r
         finally:
             cluster.stop()

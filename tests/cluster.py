@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,6 +360,14 @@ class Cluster:
 
     def digest(self, node_id: str) -> dict[str, Any]:
         return self.request(node_id, "/admin/digest")
+
+    def metrics(self, node_id: str) -> dict[str, float]:
+        """The unlabelled samples of a node's ``/metrics``, name -> value."""
+        url = self.admin_url(node_id) + "/metrics"
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_MS / 1000) as resp:
+            text = resp.read().decode()
+        pairs = (line.split() for line in text.splitlines() if line[:1] not in ("", "#"))
+        return {p[0]: float(p[1]) for p in pairs if len(p) == 2 and "{" not in p[0]}
 
     def create_key(
         self, name: str, send: list[str], receive: list[str]

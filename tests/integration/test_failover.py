@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 
 from tests import sdk
 
 DIGEST_TIMEOUT_S = 60
-
-
-def _metrics(cluster, node_id: str) -> dict[str, float]:
-    url = cluster.admin_url(node_id) + "/metrics"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        text = resp.read().decode()
-    pairs = (line.split() for line in text.splitlines() if line and line[0] != "#")
-    return {name: float(value) for name, value in pairs}
 
 
 def _converged(cluster):
@@ -104,12 +95,12 @@ async def test_a_node_that_missed_a_snapshot_installs_it_and_converges(cluster_f
     finally:
         await pub_client.close()
     assert (len(passed), failed) == (300, 0)
-    cluster.wait_for(lambda: _metrics(cluster, leader)["ensync_raft_log_entries"] < 200,
+    cluster.wait_for(lambda: cluster.metrics(leader)["ensync_raft_log_entries"] < 200,
                      30, "the leader to compact its log")
 
     cluster.restart(lagging)
     cluster.wait_for(
-        lambda: _metrics(cluster, lagging)["ensync_snapshot_installs_total"] >= 1,
+        lambda: cluster.metrics(lagging)["ensync_snapshot_installs_total"] >= 1,
         60, "the restarted node to install a snapshot")
     cluster.wait_for(lambda: _converged(cluster), DIGEST_TIMEOUT_S,
                      "the restarted node to converge")

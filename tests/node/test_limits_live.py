@@ -13,7 +13,6 @@ import base64
 import os
 import re
 import time
-import urllib.request
 
 import aiohttp
 import pytest
@@ -57,11 +56,7 @@ def make_key(cluster: Cluster, name: str) -> dict:
 
 
 def metric(cluster: Cluster, name: str) -> float:
-    url = cluster.admin_url("n1") + "/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return cluster.metrics("n1").get(name, 0.0)
 
 
 def rss_bytes(pid: int) -> int:
