@@ -1,7 +1,7 @@
 """jepsen-lite: one seeded chaos run against a real 3-node cluster.
 
     scripts/chaos [--seed S] [--minutes M] [--nemesis kill,pause,partition,loss]
-                  [--out DIR] [--keep-data] [--clean]
+                  [--out DIR] [--keep-data] [--unsafe-ack-before-commit] [--clean]
 
 A run, in order:
 
@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import atexit
 import dataclasses
+import fcntl
 import importlib
 import logging
 import random
@@ -75,6 +76,11 @@ DEFERRED_SLACK_MS = 1000
 PROGRESS_TTY_MS = 500
 PROGRESS_PLAIN_MS = 10_000
 NODE_DATA_KEEP = ("node.log", "stdout.log")
+# One run at a time per machine: every run uses 127.0.0.2-4 and cuts links by
+# address. A second run waits for the first, at most --lock-wait-s.
+RUN_LOCK_PATH = Path("/tmp/ensync-jepsen-lite.lock")
+RUN_LOCK_WAIT_S = 900
+RUN_LOCK_POLL_S = 1.0
 
 
 class Run:
@@ -396,6 +402,14 @@ def write_outputs(run: Run, started_s: float, error: str | None) -> int:
                        "note": error or checker_text}
     else:
         result_json = dict(result, seed=options.seed)
+    # Figures for the closing note (README "Figures"): not part of the verdict.
+    recovery = report.recovery_after_heals(history)
+    result_json.update(
+        nemesis=run.facts["nemesis"] or "none",
+        unsafe_ack_before_commit=options.unsafe_ack_before_commit,
+        faults_injected=len(recovery), recovery_after_heal=recovery,
+        recovery=report.recovery_figures(recovery),
+        operations={f: dict(c) for f, c in report.op_counts(history).items()})
     (out / "results.json").write_bytes(
         orjson.dumps(result_json, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
                      default=str))
@@ -429,8 +443,9 @@ def _plain_counts(history: list[dict]) -> dict:
 
 def _reproduce(options: RunOptions) -> str:
     families = ",".join(f.value for f in options.families) or "none"
+    unsafe = " --unsafe-ack-before-commit" if options.unsafe_ack_before_commit else ""
     return (f"scripts/chaos --seed {options.seed} "
-            f"--minutes {options.duration_ms / 60_000:g} --nemesis {families}")
+            f"--minutes {options.duration_ms / 60_000:g} --nemesis {families}{unsafe}")
 
 
 # -- command line --------------------------------------------------------------
@@ -448,6 +463,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output dir (default: a new temp dir)")
     parser.add_argument("--keep-data", action="store_true",
                         help="keep the nodes' data dirs after a valid run too")
+    parser.add_argument("--unsafe-ack-before-commit", action="store_true",
+                        help="UNSAFE: nodes answer PUB before commit and lose "
+                             "acknowledged events when killed; shows the checker "
+                             "catches that (expect INVALID, lost > 0)")
+    parser.add_argument("--lock-wait-s", type=float, default=RUN_LOCK_WAIT_S,
+                        help="how long to wait for another run on this machine "
+                             f"(default {RUN_LOCK_WAIT_S})")
     parser.add_argument("--clean", action="store_true",
                         help="only delete nft tables left by dead runs, then exit")
     return parser.parse_args(argv)
@@ -472,14 +494,23 @@ def main(argv: list[str] | None = None) -> int:
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 31)
     options = RunOptions(seed=seed, duration_ms=int(args.minutes * 60_000),
-                         families=families)
+                         families=families,
+                         unsafe_ack_before_commit=args.unsafe_ack_before_commit)
     out = args.out or Path(tempfile.mkdtemp(prefix=f"ensync-chaos-s{seed}-"))
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=out / "harness.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     print(f"chaos: seed={seed} nemesis={args.nemesis} minutes={args.minutes:g} "
           f"out={out}", file=sys.stderr)
+    if options.unsafe_ack_before_commit:
+        print("chaos: UNSAFE run: nodes answer PUB before commit; a valid broker "
+              "is not expected", file=sys.stderr)
 
+    lock = _take_run_lock(RUN_LOCK_PATH, args.lock_wait_s)
+    if lock is None:
+        print(f"chaos: error: another run held {RUN_LOCK_PATH} for "
+              f"{args.lock_wait_s:g} s", file=sys.stderr)
+        return EXIT_HARNESS
     stale = remove_stale_tables()  # left by runs that were SIGKILLed
     if stale:
         print(f"chaos: removed stale table(s) {' '.join(stale)}", file=sys.stderr)
@@ -508,6 +539,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos: seed={seed} NOT VALID (exit {code}); data kept in {out}; "
               f"rerun: {_reproduce(options)}", file=sys.stderr)
     return code
+
+
+def _take_run_lock(path: Path, wait_s: float):
+    """The open, flock-ed lock file (held until exit), or None after ``wait_s``."""
+    lock = open(path, "a")  # noqa: SIM115 (held for the life of the process)
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock.close()
+                return None
+            if not waited:
+                waited = True
+                print(f"chaos: another run holds {path}; waiting (at most "
+                      f"{wait_s:.0f} s)", file=sys.stderr)
+            time.sleep(RUN_LOCK_POLL_S)
 
 
 async def _run_with_handler(run: Run) -> None:

@@ -30,6 +30,9 @@ import aiohttp
 
 from options import RunOptions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from node.unsafe import ACK_BEFORE_COMMIT_ENV, TEST_BUILD_ENV  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 STATUS_TIMEOUT_MS = 1000
 STOP_TIMEOUT_S = 10.0
@@ -142,6 +145,8 @@ class Nodes:
         # A developer's ENSYNC_* settings must not leak into the run's nodes.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENSYNC_")}
         env.update(PYTHONUNBUFFERED="1", PYTHONHASHSEED="0")
+        if self.options.unsafe_ack_before_commit:
+            env.update({ACK_BEFORE_COMMIT_ENV: "1", TEST_BUILD_ENV: "1"})
         with open(node.data_dir / "stdout.log", "ab") as out:
             node.process = subprocess.Popen(
                 self._command(node), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,

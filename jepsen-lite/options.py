@@ -84,6 +84,9 @@ class RunOptions:
     delivery_limit: int = 4
     compaction_min_entries: int = 300  # so snapshots and installs happen
     compaction_min_time_ms: int = 20_000
+    # UNSAFE: nodes answer PUB before commit (node/unsafe.py), to show that the
+    # checker catches lost events. Never on unless asked for.
+    unsafe_ack_before_commit: bool = False
 
     # Workload shape.
     producers: int = 4

@@ -32,6 +32,66 @@ def fault_windows(history: list[dict]) -> list[tuple[int, int, str, list[str]]]:
     return windows
 
 
+def recovery_after_heals(history: list[dict]) -> list[dict]:
+    """Per fault: how long after its heal the cluster served again.
+
+    ``publish_ms``: from the heal to the first ``ok`` of a publish invoked at or
+    after it (an operation that started before the heal proves nothing about
+    after it). ``deliver_ms``: from the heal to the first delivery after it.
+    None when none came before the next fault began or the history ended (the
+    last fault may end with the workload). The final heal of the run is not a
+    nemesis window and is not listed. ``since_start_publish_ms`` is the same as
+    ``publish_ms`` but from the fault's start: the failover time when a leader
+    dies, near 0 when the fault leaves a serving majority alone.
+    """
+    windows = fault_windows(history)
+    recovery = []
+    for i, (start, heal, fault, targets) in enumerate(windows):
+        until = windows[i + 1][0] if i + 1 < len(windows) else None
+        recovery.append({"fault": fault, "targets": targets, "start_ms": start,
+                         "heal_ms": heal,
+                         "since_start_publish_ms": _first_publish_after(
+                             history, start, until),
+                         "publish_ms": _first_publish_after(history, heal, until),
+                         "deliver_ms": _first_delivery_after(history, heal, until)})
+    return recovery
+
+
+def _first_publish_after(history: list[dict], heal: int, until: int | None):
+    invoked_after = set()
+    for event in history:
+        t = event["time_ms"]
+        if until is not None and t >= until:
+            return None
+        if event["f"] != "publish" or t < heal:
+            continue
+        if event["type"] == "invoke":
+            invoked_after.add(event["process"])
+        elif event["type"] == "ok" and event["process"] in invoked_after:
+            return t - heal
+    return None
+
+
+def _first_delivery_after(history: list[dict], heal: int, until: int | None):
+    for event in history:
+        t = event["time_ms"]
+        if until is not None and t >= until:
+            return None
+        if event["f"] == "deliver" and t >= heal:
+            return t - heal
+    return None
+
+
+def recovery_figures(recovery: list[dict]) -> dict:
+    """p50 and max of the recovery times, and how many heals saw none."""
+    out = {"heals": len(recovery)}
+    for key in ("publish_ms", "deliver_ms", "since_start_publish_ms"):
+        values = [r[key] for r in recovery if r[key] is not None]
+        out[key] = {"p50": quantile(values, 0.5), "max": max(values, default=None),
+                    "none": len(recovery) - len(values)}
+    return out
+
+
 def latencies(history: list[dict], f: str) -> list[tuple[int, int, str]]:
     """(completion time_ms, latency_ms, type) for each completed ``f`` op."""
     invoked, out = {}, []
@@ -75,6 +135,9 @@ def summary_text(history: list[dict], facts: dict, result: dict | None,
         f"verdict: {_verdict(result, facts)}",
         "",
     ]
+    if options.get("unsafe_ack_before_commit"):
+        lines[-1:-1] = ["UNSAFE: the nodes answered PUB before commit "
+                        "(--unsafe-ack-before-commit); lost events are expected"]
     lines += _ops_lines(history)
     lines += _fault_lines(history)
     lines += _final_lines(history, facts)
@@ -115,14 +178,27 @@ def _ops_lines(history: list[dict]) -> list[str]:
 
 
 def _fault_lines(history: list[dict]) -> list[str]:
-    windows = fault_windows(history)
-    lines = ["", f"faults: {len(windows)}"]
-    for start, stop, fault, targets in windows[:SUMMARY_FAULTS_MAX]:
-        lines.append(f"  {start / 1000:6.1f}s  {fault:<26} {','.join(targets):<9} "
-                     f"{(stop - start) / 1000:.1f}s")
-    if len(windows) > SUMMARY_FAULTS_MAX:
-        lines.append(f"  ... and {len(windows) - SUMMARY_FAULTS_MAX} more")
+    recovery = recovery_after_heals(history)
+    lines = ["", f"faults: {len(recovery)}"
+             + ("  (after heal: first publish ok, first delivery)" if recovery else "")]
+    for r in recovery[:SUMMARY_FAULTS_MAX]:
+        lines.append(f"  {r['start_ms'] / 1000:6.1f}s  {r['fault']:<26} "
+                     f"{','.join(r['targets']):<9} "
+                     f"{(r['heal_ms'] - r['start_ms']) / 1000:4.1f}s   "
+                     f"{_ms(r['publish_ms']):>7} {_ms(r['deliver_ms']):>7}")
+    if len(recovery) > SUMMARY_FAULTS_MAX:
+        lines.append(f"  ... and {len(recovery) - SUMMARY_FAULTS_MAX} more")
+    if recovery:
+        figures = recovery_figures(recovery)
+        p, d = figures["publish_ms"], figures["deliver_ms"]
+        lines.append(f"  recovery after heal: publish p50 {_ms(p['p50'])} max "
+                     f"{_ms(p['max'])}; delivery p50 {_ms(d['p50'])} max "
+                     f"{_ms(d['max'])}")
     return lines
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else f"{value} ms"
 
 
 def _final_lines(history: list[dict], facts: dict) -> list[str]:
