@@ -62,6 +62,7 @@ def _conf(args: argparse.Namespace) -> SyncObjConf:
         # No snapshots in these tests: a journal without a dump file must not compact.
         logCompactionMinEntries=1_000_000,
         logCompactionMinTime=3600,
+        password=args.password,  # sealed peer frames, as with cluster_secret
     )
 
 
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--no-batch", action="store_true", help="AppendEntries per entry"
     )
+    parser.add_argument("--password", default=None, help="pysyncobj's password")
     args = parser.parse_args()
 
     logging.basicConfig(

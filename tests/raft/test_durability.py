@@ -160,7 +160,12 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _argv(
-    index: int, addresses: list[str], data_dir: Path, plan: NodePlan, batch: bool
+    index: int,
+    addresses: list[str],
+    data_dir: Path,
+    plan: NodePlan,
+    batch: bool,
+    password: str | None = None,
 ) -> list[str]:
     timeouts_ms = LEADER_TIMEOUTS_MS if index == 0 else FOLLOWER_TIMEOUTS_MS
     argv = [
@@ -174,6 +179,8 @@ def _argv(
     argv += [f"--partner={a}" for i, a in enumerate(addresses) if i != index]
     if not batch:
         argv.append("--no-batch")
+    if password is not None:
+        argv.append(f"--password={password}")
     if not plan.traced:
         return argv
 
@@ -186,9 +193,13 @@ def _argv(
 
 @contextlib.contextmanager
 def running_cluster(
-    data_dir: Path, plans: list[NodePlan], batch: bool = False
+    data_dir: Path,
+    plans: list[NodePlan],
+    batch: bool = False,
+    password: str | None = None,
 ) -> Iterator[list[NodeProcess]]:
-    """Start one node per plan; node 0 leads. ``batch`` is appendEntriesUseBatch.
+    """Start one node per plan; node 0 leads. ``batch`` is appendEntriesUseBatch,
+    ``password`` seals peer frames (a node's ``cluster_secret``).
 
     The default, unbatched AppendEntries, is what raft/machine.py runs.
     """
@@ -196,7 +207,7 @@ def running_cluster(
     nodes: list[NodeProcess] = []
     try:
         for index, plan in enumerate(plans):
-            argv = _argv(index, addresses, data_dir, plan, batch)
+            argv = _argv(index, addresses, data_dir, plan, batch, password)
             nodes.append(NodeProcess(argv, data_dir / f"node-{index}.log", plan))
         for node in nodes:
             node.wait_started(START_TIMEOUT_S)
@@ -385,6 +396,20 @@ def test_without_the_syncing_transport_a_single_node_commits_unsynced_entries(
 def test_commit_waits_for_fdatasync_when_both_followers_are_slow(tmp_path):
     delayed = NodePlan(traced=True, fdatasync_delay_ms=FDATASYNC_DELAY_MS)
     with running_cluster(tmp_path, [NodePlan(), delayed, delayed]) as nodes:
+        elapsed_ms = [_incr_once_ms(nodes[0]) for _ in range(2)]
+
+    for one_ms in elapsed_ms:
+        assert one_ms >= FDATASYNC_DELAY_MS * 0.8, elapsed_ms
+        assert one_ms < FDATASYNC_DELAY_MS * 3, elapsed_ms
+
+
+@needs_strace
+def test_sealed_peer_frames_still_wait_for_the_followers_fdatasync(tmp_path):
+    # With a cluster secret pysyncobj seals frames inside TcpConnection.send,
+    # below our Outbox: holding a message until the flush works the same.
+    delayed = NodePlan(traced=True, fdatasync_delay_ms=FDATASYNC_DELAY_MS)
+    plans = [NodePlan(), delayed, delayed]
+    with running_cluster(tmp_path, plans, password="s" * 32) as nodes:
         elapsed_ms = [_incr_once_ms(nodes[0]) for _ in range(2)]
 
     for one_ms in elapsed_ms:
