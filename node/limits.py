@@ -28,6 +28,10 @@ from dataclasses import dataclass
 # A refused client that then stays within its rate this long is calm again.
 CALM_MS = 1000
 
+# TODO(#6): one frame budget per key (or per client address) across its
+# connections; today each connection has its own, so many sockets of one key
+# multiply it. Remove when keys share a budget.
+
 
 class Verdict(enum.Enum):
     ADMIT = "admit"
@@ -82,6 +86,13 @@ class FrameRate:
         if now_ms - self._over_since_ms >= self.abuse_close_ms:
             return Verdict.CLOSE
         return Verdict.REJECT
+
+    def wait_ms(self, now_ms: int) -> int:
+        """How long until the next frame would find a token."""
+        self._refill(now_ms)
+        if self._tokens >= 1:
+            return 0
+        return -int(-(1 - self._tokens) * 1000 // self.rate_per_s)
 
     def _refill(self, now_ms: int) -> None:
         elapsed_ms = max(0, now_ms - self._refilled_ms)

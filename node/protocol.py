@@ -40,6 +40,7 @@ _JSON = json.JSONDecoder()
 # Required parameters per verb; optional ones are read where they are used.
 REQUIRED = {
     "CONN": (),
+    "CHALLENGE": (),  # ours: proof of possession (node/proof.py)
     "PUB": ("CLIENT_ID", "EVENT_NAME", "PAYLOAD", "DELIVERY_TO"),
     "SUB": ("CLIENT_ID", "EVENT_NAME"),
     "UNSUB": ("CLIENT_ID", "EVENT_NAME"),

@@ -71,3 +71,14 @@ def test_only_holders_at_or_above_the_mean_pause_and_only_when_full():
     assert not must_pause(10, 100, total_max, holders=2)
     assert not must_pause(0, 100, total_max, holders=1)
     assert must_pause(100, 100, total_max, holders=1)
+
+
+def test_wait_ms_is_zero_with_a_token_and_the_time_to_the_next_one_without():
+    rate = FrameRate(rate_per_s=1000, abuse_close_ms=5000, now_ms=0, burst=1)
+
+    assert rate.wait_ms(0) == 0
+    assert rate.frame(0) is Verdict.ADMIT
+    assert rate.wait_ms(0) == 1  # one token a millisecond
+    slow = FrameRate(rate_per_s=4, abuse_close_ms=5000, now_ms=0, burst=1)
+    slow.frame(0)
+    assert slow.wait_ms(100) == 150

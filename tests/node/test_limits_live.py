@@ -24,7 +24,6 @@ from tests.node import raw_ws
 HOST = "127.0.0.1"
 CONNECTIONS_PER_KEY_MAX = 4
 ABUSE_CLOSE_MS = 2000
-FRAMES_PER_S_MAX = 2000  # the default
 
 FLOOD_FRAMES_MAX = 500_000  # about 10 s at the rate one node reads them
 FLOOD_TIME_S = 10.0

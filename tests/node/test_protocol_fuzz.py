@@ -12,6 +12,7 @@ every batch. Inputs are counted and the counts printed.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -26,8 +27,10 @@ from tests.node import raw_ws
 HOST = "127.0.0.1"
 REPLY_WAIT_S = 10.0
 READ_BYTES_MAX = 8 << 20
-PARSER_EXAMPLES = 3000
-LIVE_EXAMPLES = 300
+# FUZZ_SCALE=10 (say) runs ten times the examples: a longer hunt than CI's.
+FUZZ_SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
+PARSER_EXAMPLES = 3000 * FUZZ_SCALE
+LIVE_EXAMPLES = 300 * FUZZ_SCALE
 BATCH_FRAMES_MAX = 12
 # Exception class names that must never reach a client unless it sent them.
 LEAK = re.compile(r"Traceback|\b[A-Z][A-Za-z]*(?:Error|Exception)\b|File \"")
