@@ -92,6 +92,33 @@ class Queue:
             heapq.heappush(self.heap, rank)
         return found
 
+    def heads(self, count: int, events: dict, planned: dict, reader,
+              make_event) -> list:
+        """Up to ``count`` pending events that no plan holds, smallest rank first.
+
+        One pass for a whole window of free slots: asking ``head`` once per
+        slot would set the same planned events aside again for every slot.
+        """
+        assert count > 0
+
+        set_aside, found = [], []
+        while len(found) < count:
+            if not self.heap:
+                if self.bound is None or not self._refill(events, reader, make_event):
+                    break
+                continue
+            rank = self.heap[0]
+            ev = events.get((self.p, rank[1]))
+            if ev is None or ev.state != schema.PENDING or ev.rank() != rank:
+                heapq.heappop(self.heap)
+                continue
+            set_aside.append(heapq.heappop(self.heap))
+            if (self.p, ev.off) not in planned:
+                found.append(ev)
+        for rank in set_aside:
+            heapq.heappush(self.heap, rank)
+        return found
+
     def _refill(self, events: dict, reader, make_event) -> bool:
         """Load the next window from the index; False when nothing is left."""
         start = index_key(self.app, self.name, self.bound) + b"\x00"
