@@ -28,6 +28,9 @@ from node.client import Client, ClientError
 
 # Publishes outstanding on the connection at once.
 PUBLISH_WINDOW_MAX = 256
+# Publishes started per second at most: below the node's default frame limit
+# (client_frames_per_s_max, 20 000), so a long --count is not refused midway.
+PUBLISH_RATE_MAX_PER_S = 15_000
 
 
 class EventsError(Exception):
@@ -53,11 +56,12 @@ def decode_payload(payload: str) -> str:
         return payload  # not ours: show it as it came
 
 
-async def _connect(ws_urls: list[str], access_key: str, timeout_ms: int) -> Client:
+async def _connect(ws_urls: list[str], access_key: str, timeout_ms: int,
+                   tls_context=None) -> Client:
     """A client logged in on the first node that takes the connection."""
     failures = []
     for url in ws_urls:
-        client = Client(url)
+        client = Client(url, tls_context=tls_context)
         try:
             await asyncio.wait_for(client.connect(access_key), timeout_ms / 1000)
             return client
@@ -71,14 +75,19 @@ async def _connect(ws_urls: list[str], access_key: str, timeout_ms: int) -> Clie
 
 
 async def publish(ws_urls: list[str], access_key: str, name: str, to: str,
-                  payload_b64: str, count: int, timeout_ms: int) -> list[str]:
+                  payload_b64: str, count: int, timeout_ms: int,
+                  tls_context=None) -> list[str]:
     """Publish ``count`` copies; the idems in order. One connection, a window."""
     assert count > 0
 
-    client = await _connect(ws_urls, access_key, timeout_ms)
+    client = await _connect(ws_urls, access_key, timeout_ms, tls_context)
     replies = []
+    loop = asyncio.get_running_loop()
+    began_s = loop.time()
     try:
         for start in range(0, count, PUBLISH_WINDOW_MAX):
+            await asyncio.sleep(max(0.0, began_s + start / PUBLISH_RATE_MAX_PER_S
+                                    - loop.time()))
             window = min(PUBLISH_WINDOW_MAX, count - start)
             futures = [client.publish(name, to, payload_b64) for _ in range(window)]
             replies += await asyncio.wait_for(asyncio.gather(*futures),
@@ -104,7 +113,8 @@ def _reply_field(reply: str, key: str) -> str:
 
 
 async def subscribe(ws_urls: list[str], access_key: str, sub: Subscription,
-                    timeout_ms: int, show: Callable[[dict], None]) -> int:
+                    timeout_ms: int, show: Callable[[dict], None],
+                    tls_context=None) -> int:
     """Subscribe and hand each record to ``show``; the number received.
 
     Stops at ``sub.count`` records or after ``sub.wait_ms``, whichever comes
@@ -112,7 +122,7 @@ async def subscribe(ws_urls: list[str], access_key: str, sub: Subscription,
     """
     assert sub.count is None or sub.count > 0
 
-    client = await _connect(ws_urls, access_key, timeout_ms)
+    client = await _connect(ws_urls, access_key, timeout_ms, tls_context)
     try:
         await asyncio.wait_for(client.subscribe(sub.name), timeout_ms / 1000)
         return await _receive(client, sub, timeout_ms, show)
