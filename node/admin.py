@@ -26,6 +26,7 @@ from aiohttp import web
 from node import openapi
 from node.errors import BrokerError, NotLeader, Unavailable
 from raft import schema
+from raft.machine import now_ms
 
 log = logging.getLogger("ensync.admin")
 
@@ -62,6 +63,28 @@ async def _list_apps(request: web.Request) -> web.Response:
 
 
 # -- key actions ------------------------------------------------------------------
+
+
+KEY_EXPIRY_HELP = ("expires_ms is a time in ms since the epoch and expires_in_ms a "
+                   "positive duration in ms; give at most one")
+
+
+def key_expiry_ms(body) -> int | None | bool:
+    """A key's expiry from a request body: ``expires_ms`` (ms since the epoch)
+    or ``expires_in_ms`` (from now, by this node's clock); None for none, False
+    when the body gets it wrong."""
+    if not isinstance(body, dict):
+        return None
+    at, within = body.get("expires_ms"), body.get("expires_in_ms")
+    if at is not None and within is not None:
+        return False
+    for value in (at, within):
+        if value is not None and (not isinstance(value, int)
+                                  or isinstance(value, bool) or value <= 0):
+            return False
+    if within is not None:
+        return now_ms() + within
+    return at
 
 
 async def _key_named(request: web.Request) -> tuple[str, str | None]:
@@ -101,20 +124,34 @@ async def _rotate_key(request: web.Request) -> web.Response:
     """A new access key; the old one stops working and its sessions close.
 
     The app id and secret key stay, so recipients and decryption are unchanged.
+    An optional JSON body gives the new key an expiry (``expires_ms`` or
+    ``expires_in_ms``); without one the new key does not expire.
     """
     name, app_id = await _key_named(request)
     if app_id is None:
         return _error("NOT_FOUND", "no such key", 404)
 
     node = request.app[NODE]
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        body = False
+    expires_ms = False if body is False else key_expiry_ms(body)
+    if expires_ms is False:
+        return _error("INVALID_PARAMETER", KEY_EXPIRY_HELP, 400)
+
     access_key = node.create_key_material()["access_key"]
     op = {"op": "key_rotate", "app_id": app_id,
           "key_hash": schema.hash_access_key(access_key)}
+    if expires_ms:
+        op["expires_ms"] = expires_ms
     failed = await _commit_key_op(node, op)
     if failed is not None:
         return failed
-    log.info("key rotated name=%s", name)
-    return _json({"name": name, "app_id": app_id, "access_key": access_key})
+    log.info("key rotated name=%s expires_ms=%s", name, expires_ms)
+    return _json({"name": name, "app_id": app_id, "access_key": access_key,
+                  "expires_ms": expires_ms})
 
 
 async def _commit_key_op(node, op: dict) -> web.Response | None:

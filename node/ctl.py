@@ -35,6 +35,7 @@ import asyncio
 import http.client
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -49,6 +50,8 @@ from typing import Any, NoReturn
 PROG = "ensyncctl"
 CLUSTER_FILE_DEFAULT = "./.ensync/cluster.json"
 TOKEN_ENV = "ENSYNC_ADMIN_TOKEN"
+CACERT_ENV = "ENSYNC_CACERT"
+UNTRUSTED_CERTIFICATE = "its TLS certificate is not trusted"
 ACCESS_KEY_ENV = "ENSYNC_ACCESS_KEY"
 DEMO_KEYS_FILE = "demo-keys.json"  # next to cluster.json
 TIMEOUT_MS_DEFAULT = 2000
@@ -62,6 +65,8 @@ WATCH_INTERVAL_MS_DEFAULT = 2000
 # status --watch without --count still ends after this many rounds.
 WATCH_ROUNDS_MAX = 1_000_000
 QUEUES_LIMIT_DEFAULT = 100
+# The node answers at most this many dead letters per request (node/http.py).
+DLQ_LIMIT_MAX = 1000
 # The node waits up to 10 s for leadership to move; wait a little longer.
 LEADER_TIMEOUT_MS_MIN = 15_000
 # NOT_LEADER answers followed before giving up (leadership may move meanwhile).
@@ -71,6 +76,7 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a piped-to-head death
 
 
 class CtlError(Exception):
@@ -131,6 +137,22 @@ class Probe:
 # ---------------------------------------------------------------------------
 # HTTP
 
+# How https:// nodes are verified; main() sets it from --cacert. None: the
+# system's CAs (and $SSL_CERT_FILE), hostname checked. Never unverified.
+_tls_context: ssl.SSLContext | None = None
+
+
+def configure_tls(cacert: str | None) -> None:
+    """Trust the CA certificates in ``cacert`` (PEM) for https:// nodes."""
+    global _tls_context
+    if not cacert:
+        _tls_context = None
+        return
+    try:
+        _tls_context = ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise CtlError(f"cannot load CA file {cacert}: {exc}") from exc
+
 
 def request_json(
     url: str,
@@ -138,6 +160,7 @@ def request_json(
     timeout_ms: int,
     method: str = "GET",
     body: dict[str, Any] | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
@@ -146,8 +169,11 @@ def request_json(
     if data is not None:
         request.add_header("Content-Type", "application/json")
 
+    context = tls_context or _tls_context
     try:
-        with urllib.request.urlopen(request, timeout=timeout_ms / 1000) as response:
+        with urllib.request.urlopen(
+            request, timeout=timeout_ms / 1000, context=context
+        ) as response:
             return decode_json(url, response.read())
     except urllib.error.HTTPError as exc:
         raise http_failure(url, exc) from exc
@@ -158,6 +184,11 @@ def request_json(
 
 
 def reason_text(reason: object, timeout_ms: int) -> str:
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (
+            f"{UNTRUSTED_CERTIFICATE} ({reason.verify_message}); "
+            f"pass --cacert or set {CACERT_ENV}"
+        )
     if isinstance(reason, TimeoutError):
         return f"no answer within {timeout_ms} ms"
     if isinstance(reason, OSError) and reason.strerror:
@@ -202,16 +233,53 @@ def resolve_targets(
     """
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.url:
+        urls = split_urls(args.url)
+        token = token or token_for_urls(args, urls)
         if not token and token_required:
             raise CtlError(f"no admin token: pass --token or set {TOKEN_ENV}")
-        return [Target(None, url) for url in split_urls(args.url)], token or ""
+        return [Target(None, url) for url in urls], token or ""
 
-    cluster = load_cluster_file(Path(args.cluster))
+    path = cluster_path(args)
+    cluster = load_cluster_file(path)
     targets = [Target(node["id"], node["admin_url"]) for node in cluster["nodes"]]
     token = token or cluster.get("admin_token")
     if not token and token_required:
-        raise CtlError(f"{args.cluster} holds no admin_token; pass --token")
+        raise CtlError(f"{path} holds no admin_token; pass --token")
     return targets, token or ""
+
+
+def cluster_path(args: argparse.Namespace) -> Path:
+    """--cluster as given, else the nearest .ensync/cluster.json upwards.
+
+    Searching the parents lets ensyncctl run from any directory of the
+    checkout (docs/, tests/) as git does. Not found, it is ./.ensync/... as
+    an absolute path, so the error names where it looked.
+    """
+    if "cluster" in getattr(args, "given", {"cluster"}):
+        return Path(args.cluster).absolute()
+    here = Path.cwd()
+    for directory in (here, *here.parents):
+        candidate = directory / CLUSTER_FILE_DEFAULT
+        if candidate.is_file():
+            return candidate
+    return here / CLUSTER_FILE_DEFAULT
+
+
+def token_for_urls(args: argparse.Namespace, urls: list[str]) -> str | None:
+    """The cluster file's token, when the file lists every node --url names.
+
+    Only then: the local cluster's token must not travel to a node of some
+    other cluster that --url happens to name.
+    """
+    try:
+        cluster = load_cluster_file(cluster_path(args))
+    except CtlError:
+        return None
+    listed = {str(node["admin_url"]).rstrip("/") for node in cluster["nodes"]}
+    token = cluster.get("admin_token")
+    if isinstance(token, str) and set(urls) <= listed:
+        return token
+    return None
 
 
 def load_cluster_file(path: Path) -> dict[str, Any]:
@@ -219,8 +287,8 @@ def load_cluster_file(path: Path) -> dict[str, Any]:
         cluster = json.loads(path.read_text())
     except FileNotFoundError:
         raise CtlError(
-            f"cluster file {path} not found; start a cluster with "
-            "./scripts/start-cluster or pass --url"
+            f"cluster file {path} not found (nor in a parent directory); start "
+            "a cluster with ./scripts/start-cluster, or pass --cluster or --url"
         ) from None
     except (OSError, ValueError) as exc:
         raise CtlError(f"cannot read cluster file {path}: {exc}") from exc
@@ -276,12 +344,62 @@ def probe_one(target: Target, token: str, timeout_ms: int) -> Probe:
             raise
         return Probe(target, None, str(exc))
 
+    return checked_probe(target, status)
+
+
+def checked_probe(target: Target, status: dict[str, Any]) -> Probe:
     missing = [
         key for key in STATUS_KEYS_REQUIRED if not isinstance(status.get(key), int)
     ]
     if status.get("role") is None or missing:
         return Probe(target, None, f"status answer lacks {missing or ['role']}")
     return Probe(target, status)
+
+
+def learn_cluster(probes: list[Probe], token: str, timeout_ms: int) -> list[Probe]:
+    """--url may name only some nodes: ask one that answers for the others.
+
+    A node's ``/admin/cluster`` lists every node it knows with the status it
+    fetched from it (``--peer-http``), so one URL is enough to see the whole
+    cluster. Nodes it lists that --url did not name are added; a node that
+    cannot be asked (an older node, or none answering) changes nothing.
+    """
+    known = {node_id(probe) for probe in probes if probe.status is not None}
+    for probe in probes:
+        if probe.status is None:
+            continue
+        try:
+            url = probe.target.admin_url + "/admin/cluster"
+            rows = request_json(url, token, timeout_ms).get("nodes")
+        except HttpFailure as exc:
+            if exc.status in (401, 403):
+                raise
+            continue
+        except CtlError:
+            continue
+        if isinstance(rows, list):
+            learned = [peer_probe(row) for row in rows
+                       if isinstance(row, dict) and row.get("id") not in known]
+            return sorted(probes + learned, key=node_id)
+    return probes
+
+
+def probe_cluster(args: argparse.Namespace, targets: list[Target],
+                  token: str) -> list[Probe]:
+    """Every node's status: those named, and with --url those they know."""
+    probes = probe_all(targets, token, args.timeout_ms)
+    if args.url:
+        probes = learn_cluster(probes, token, args.timeout_ms)
+    return probes
+
+
+def peer_probe(row: dict[str, Any]) -> Probe:
+    """A node as another node saw it (one row of /admin/cluster)."""
+    where = row.get("http_url") or row.get("raft_address") or "?"
+    target = Target(str(row["id"]), str(where))
+    if not isinstance(row.get("status"), dict):
+        return Probe(target, None, str(row.get("error") or "not reachable"))
+    return checked_probe(target, dict(row["status"], id=row["id"]))
 
 
 @dataclass(frozen=True)
@@ -295,8 +413,13 @@ class ClusterView:
     notes: list[str]
 
 
-def summarize(probes: list[Probe]) -> ClusterView:
-    """Fold per-node answers into one view; pure, so tests can feed it fakes."""
+def summarize(probes: list[Probe], trust_reports: bool = False) -> ClusterView:
+    """Fold per-node answers into one view; pure, so tests can feed it fakes.
+
+    With ``trust_reports`` (--url, which may name only part of the cluster)
+    a leader that no probe reached still counts when a node that answered
+    names it and reports a quorum: that node is in touch with it.
+    """
     answered = [probe for probe in probes if probe.status is not None]
     leader = pick_leader(answered)
     commit_max = max((int(p.status["commit_index"]) for p in answered), default=0)
@@ -307,8 +430,19 @@ def summarize(probes: list[Probe]) -> ClusterView:
     if leader is not None:
         quorum_ok = quorum_ok and bool(leader.status.get("has_quorum", True))
     leader_id = None if leader is None else node_id(leader)
+    if leader is None and trust_reports:
+        vouching = [p.status for p in answered
+                    if p.status.get("leader") and p.status.get("has_quorum")]
+        if vouching:
+            leader_id, quorum_ok = str(vouching[0]["leader"]), True
 
     notes = [stale_leader_note(row, leader) for row in rows if row["stale_leader"]]
+    # "unreachable" alone would hide a setup mistake the operator can fix.
+    notes += [
+        f"{row['id']}: {row['error']}"
+        for row in rows
+        if UNTRUSTED_CERTIFICATE in (row.get("error") or "")
+    ]
     healthy = leader_id is not None and quorum_ok
     return ClusterView(
         leader_id, healthy, len(answered), len(probes), quorum_ok, rows, notes
@@ -450,7 +584,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def show_status(
     args: argparse.Namespace, targets: list[Target], token: str, watching: bool = False
 ) -> int:
-    view = summarize(probe_all(targets, token, args.timeout_ms))
+    probes = probe_cluster(args, targets, token)
+    view = summarize(probes, trust_reports=bool(args.url))
     if args.json:
         # Watching, one document per line (JSON Lines) so a reader can follow.
         print(json.dumps(status_json(view), indent=None if watching else 2))
@@ -509,18 +644,40 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "send": split_patterns(args.send, "--send"),
         "receive": split_patterns(args.receive, "--receive"),
     }
+    if args.expires_in_ms is not None:
+        body["expires_in_ms"] = args.expires_in_ms
     timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
 
     def create(target: Target) -> dict[str, Any]:
         url = target.admin_url + "/admin/keys"
         return request_json(url, token, timeout_ms, "POST", body)
 
-    target, record = first_answer(targets, create)
+    try:
+        target, record = first_answer(targets, create)
+    except HttpFailure as exc:
+        if exc.status != 503:
+            raise
+        raise CtlError(f"{exc}; {unknown_create_advice(args.name)}") from exc
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         print(render_created_key(record, target))
     return EXIT_HEALTHY
+
+
+def unknown_create_advice(name: str) -> str:
+    """What to do after a create whose outcome is unknown (503).
+
+    The key may still commit, and its secret was shown to nobody; the cluster
+    cannot show it again (it keeps only the public half), so such a key is of
+    no use and must not be mistaken for a working one.
+    """
+    # TODO(#6): `keys delete NAME`, so the name can be reused; until then a
+    # key created blind is disabled and the key made again under a new name.
+    return (f"the key may exist even so, with a secret nobody saw: run "
+            f"`ensyncctl keys list`; if {name!r} is not there, create it again; "
+            f"if it is, run `ensyncctl keys disable {name}` and create the key "
+            "under another name")
 
 
 def render_created_key(record: dict[str, Any], target: Target) -> str:
@@ -532,6 +689,8 @@ def render_created_key(record: dict[str, Any], target: Target) -> str:
         ["send", ",".join(record.get("send", []))],
         ["receive", ",".join(record.get("receive", []))],
     ]
+    if record.get("expires_ms"):
+        rows.append(["expires", format_ms(record["expires_ms"]) + " UTC"])
     lines = [f"created key {record.get('name', '?')!r} via {where}"]
     lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
     lines.append("the secret key is shown only now; store it somewhere safe")
@@ -565,6 +724,12 @@ def render_keys(keys: list[dict[str, Any]]) -> str:
         ]
         for key in keys
     ]
+    # The expiry column shows only when some key has one.
+    if any(key.get("expires_ms") for key in keys):
+        headers.append("expires (UTC)")
+        for row, key in zip(rows, keys):
+            row.append(format_ms(key.get("expires_ms"))
+                       + (" expired" if key.get("expired") else ""))
     return render_table(headers, rows) if rows else "no keys"
 
 
@@ -727,8 +892,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     targets, token = resolve_targets(args)
-    probes = probe_all(targets, token, args.timeout_ms)
-    view = summarize(probes)
+    probes = probe_cluster(args, targets, token)
+    view = summarize(probes, trust_reports=bool(args.url))
     nodes = [node_info(probe, row) for probe, row in zip(probes, view.rows)]
     print_answer(args, {"leader": view.leader, "nodes": nodes}, render_nodes(nodes))
     return EXIT_HEALTHY
@@ -837,8 +1002,12 @@ def cmd_keys_action(args: argparse.Namespace) -> int:
     path = f"/admin/keys/{urllib.parse.quote(args.name, safe='')}/{action}"
     timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
 
+    body: dict[str, Any] = {}
+    if getattr(args, "expires_in_ms", None) is not None:
+        body["expires_in_ms"] = args.expires_in_ms
+
     def act(target: Target) -> dict[str, Any]:
-        return request_json(target.admin_url + path, token, timeout_ms, "POST", {})
+        return request_json(target.admin_url + path, token, timeout_ms, "POST", body)
 
     target, answer = first_answer(targets, act)
     if action == "rotate":
@@ -857,6 +1026,8 @@ def render_rotated_key(record: dict[str, Any], target: Target) -> str:
         ["access key", str(record.get("access_key", "-"))],
         ["app id", str(record.get("app_id", "-"))],
     ]
+    if record.get("expires_ms"):
+        rows.append(["expires", format_ms(record["expires_ms"]) + " UTC"])
     lines = [f"rotated key {record.get('name', '?')!r} via {where}"]
     lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
     lines.append("the old access key no longer works; the secret key is unchanged")
@@ -870,10 +1041,11 @@ def render_rotated_key(record: dict[str, Any], target: Target) -> str:
 def cmd_leader(args: argparse.Namespace) -> int:
     """Ask the leader to hand over; follow NOT_LEADER to the node it names."""
     targets, token = resolve_targets(args)
-    probes = probe_all(targets, token, args.timeout_ms)
-    urls = {node_id(p): p.target.admin_url for p in probes}
+    probes = probe_cluster(args, targets, token)
+    urls = {node_id(p): p.target.admin_url for p in probes
+            if "://" in p.target.admin_url}
     urls.update({t.node_id: t.admin_url for t in targets if t.node_id})
-    leader = summarize(probes).leader
+    leader = summarize(probes, trust_reports=bool(args.url)).leader
     if leader is None:
         raise CtlError("no node leads right now; try again after the election")
 
@@ -940,7 +1112,7 @@ def access_key_of(args: argparse.Namespace) -> str:
             f"no access key: pass --key, set {ACCESS_KEY_ENV}, or --as NAME "
             f"for a key in {DEMO_KEYS_FILE} next to the cluster file"
         )
-    path = Path(args.cluster).parent / DEMO_KEYS_FILE
+    path = cluster_path(args).parent / DEMO_KEYS_FILE
     try:
         keys = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -968,7 +1140,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     events = load_events_module()
     targets, token = resolve_targets(args, token_required=False)
     try:
-        data = json.loads(args.data)
+        data = json.loads(read_data(args.data))
     except ValueError as exc:
         raise CtlError(f"--data is not JSON: {exc}") from exc
     access_key = access_key_of(args)
@@ -979,13 +1151,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
     timeout_ms = max(args.timeout_ms, WRITE_TIMEOUT_MS_MIN)
     try:
         idems = asyncio.run(events.publish(urls, access_key, args.name, to, payload,
-                                           args.count, timeout_ms))
+                                           args.count, timeout_ms, _tls_context))
     except events.EventsError as exc:
         raise CtlError(str(exc)) from exc
 
     answer = {"name": args.name, "to": to, "idems": idems}
     print_answer(args, answer, "\n".join(f"published {idem}" for idem in idems))
     return EXIT_HEALTHY
+
+
+def read_data(value: str) -> str:
+    """--data as given, or from @FILE, or from stdin for -."""
+    if value == "-":
+        return sys.stdin.read()
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"--data {value}: cannot read the file: {exc}") from exc
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -1002,7 +1186,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(
-            events.subscribe(urls, access_key, sub, WRITE_TIMEOUT_MS_MIN, show)
+            events.subscribe(urls, access_key, sub, WRITE_TIMEOUT_MS_MIN, show,
+                             _tls_context)
         )
     except events.EventsError as exc:
         raise CtlError(str(exc)) from exc
@@ -1106,7 +1291,7 @@ BASH_TEMPLATE = """\
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
 }}
-complete -F {func} {prog}
+complete -F {func} {prog} .venv/bin/{prog} ./.venv/bin/{prog}
 """
 
 
@@ -1141,6 +1326,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def limit_int(most: int) -> Callable[[str], int]:
+    """A positive integer no larger than ``most`` (the node's own cap)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"at most {most}: {value}")
+        return value
+
+    return parse
+
+
 def common_options() -> argparse.ArgumentParser:
     # SUPPRESS lets the options appear before or after the subcommand
     # without the subcommand's parser resetting values given earlier.
@@ -1153,6 +1350,12 @@ def common_options() -> argparse.ArgumentParser:
         "--url", action="append", default=hide, help="node admin URL (repeatable)"
     )
     common.add_argument("--token", default=hide, help=f"admin token [${TOKEN_ENV}]")
+    common.add_argument(
+        "--cacert",
+        default=hide,
+        metavar="PEM",
+        help=f"CA file that https:// nodes are verified with [${CACERT_ENV}]",
+    )
     common.add_argument(
         "--timeout-ms", type=positive_int, default=hide, help="per request"
     )
@@ -1189,6 +1392,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--send", action="append", required=True, metavar="PATTERN")
     create.add_argument("--receive", action="append", required=True, metavar="PATTERN")
     create.add_argument("--json", action="store_true")
+    create.add_argument("--expires-in-ms", type=positive_int, metavar="MS",
+                        help="the key expires this long after creation")
     create.set_defaults(handler=cmd_keys_create)
 
     listing = key_commands.add_parser("list", parents=[common], help="list keys")
@@ -1203,6 +1408,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = key_commands.add_parser(action, parents=[common], help=text)
         command.add_argument("name", metavar="NAME")
         command.add_argument("--json", action="store_true")
+        if action == "rotate":
+            command.add_argument("--expires-in-ms", type=positive_int, metavar="MS",
+                                 help="the new key expires this long after now")
         command.set_defaults(handler=cmd_keys_action)
 
     add_delivery_commands(commands, common)
@@ -1227,7 +1435,8 @@ def add_delivery_commands(commands, common: argparse.ArgumentParser) -> None:
         dest="dlq_command", required=True, metavar="action"
     )
     listing = dlq_commands.add_parser("list", parents=[common], help="dead letters")
-    listing.add_argument("--limit", type=positive_int, default=100, help="[100]")
+    listing.add_argument("--limit", type=limit_int(DLQ_LIMIT_MAX), default=100,
+                         help=f"at most {DLQ_LIMIT_MAX} [100]")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_dlq_list)
 
@@ -1296,7 +1505,8 @@ def add_event_commands(commands, common: argparse.ArgumentParser) -> None:
     )
     publish.add_argument("name", metavar="NAME")
     publish.add_argument("--to", required=True, metavar="APP", help="name or id")
-    publish.add_argument("--data", required=True, metavar="JSON")
+    publish.add_argument("--data", required=True, metavar="JSON",
+                         help="the payload; @FILE reads a file, - stdin")
     publish.add_argument("--count", type=positive_int, default=1, help="[1]")
     publish.add_argument("--json", action="store_true")
     publish.set_defaults(handler=cmd_publish)
@@ -1317,6 +1527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cluster": CLUSTER_FILE_DEFAULT,
         "url": None,
         "token": None,
+        "cacert": None,
         "timeout_ms": TIMEOUT_MS_DEFAULT,
     }
     # Options given on the command line (subscribe reads --timeout-ms only then).
@@ -1330,11 +1541,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return args.handler(args)
+        configure_tls(args.cacert or os.environ.get(CACERT_ENV))
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except CtlError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout left (``ensyncctl sessions | head``): stop quietly.
+
+    Whoever closed the pipe has what they wanted, so no message; the exit
+    code is the shell's for a process killed by SIGPIPE. stdout is pointed at
+    /dev/null so the flush at interpreter exit does not fail a second time.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -285,7 +285,8 @@ class Dashboard:
             self._client = aiohttp.ClientSession(timeout=timeout)
         headers = {"Authorization": f"Bearer {self.node.cfg.admin_token}"}
         async with self._client.get(url + "/admin/status", headers=headers,
-                                    allow_redirects=False) as response:
+                                    allow_redirects=False,
+                                    ssl=self.node.cfg.tls_client or True) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
             status = orjson.loads(await response.read())

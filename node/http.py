@@ -130,7 +130,8 @@ async def _list_keys(request: web.Request) -> web.Response:
     with node.broker.lock:
         apps = dict(node.broker.state.apps)
     keys = [{"name": a["name"], "app_id": app_id, "send": a["send"],
-             "receive": a["receive"], "created_ms": a["created_ms"]}
+             "receive": a["receive"], "created_ms": a["created_ms"],
+             "expires_ms": a.get("expires_ms"), "expired": bool(a.get("expired"))}
             for app_id, a in sorted(apps.items(), key=lambda kv: kv[1]["name"])]
     return _json({"keys": keys})
 
@@ -147,10 +148,16 @@ async def _create_key(request: web.Request) -> web.Response:
                       "name is 1-64 characters; send and receive are lists of "
                       "patterns", 400)
 
+    expires_ms = admin.key_expiry_ms(body)
+    if expires_ms is False:
+        return _error("INVALID_PARAMETER", admin.KEY_EXPIRY_HELP, 400)
+
     material = node.create_key_material()
     op = {"op": "key_create", "name": name, "send": send, "receive": receive,
           "app_id": material["app_id"],
           "key_hash": schema.hash_access_key(material["access_key"])}
+    if expires_ms:
+        op["expires_ms"] = expires_ms
     try:
         await node.commit(op)
     except Unavailable:
@@ -163,9 +170,9 @@ async def _create_key(request: web.Request) -> web.Response:
                           "created": False})
         status = 409 if exc.code in ("NAME_TAKEN", "KEY_EXISTS") else 400
         return _error(exc.code, exc.message, status)
-    log.info("key created name=%s", name)
+    log.info("key created name=%s expires_ms=%s", name, expires_ms)
     return _json({**material, "name": name, "send": send, "receive": receive,
-                  "created": True}, 201)
+                  "expires_ms": expires_ms, "created": True}, 201)
 
 
 # -- delivery inspection: reads answer from this node's applied state -----------

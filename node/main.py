@@ -13,15 +13,19 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
 import tomllib
 
 import orjson
 from aiohttp import web
 
+from node import tls, unsafe
 from node.http import build_app
 from node.server import Node, NodeConfig
 from raft.machine import RaftConfig
+from raft.peer_auth import (CLUSTER_SECRET_CHARS_MIN, read_secret_file,
+                            secret_file_too_open)
 
 # (name, type, default, help); every name is also ENSYNC_<NAME> and a TOML key.
 # A bool is a switch: --name turns it on; ENSYNC_<NAME>=1 (or true, yes, on) too.
@@ -38,6 +42,17 @@ SETTINGS = [
      "other nodes' HTTP as id=http://host:port, comma separated (dashboard)"),
     ("data_dir", str, ".ensync/n1", "journal, snapshots and RocksDB"),
     ("admin_token", str, "", "bearer token for /admin/*"),
+    ("cluster_secret", str, "",
+     "shared by all nodes: seals and authenticates every Raft peer frame; "
+     "prefer cluster_secret_file"),
+    ("cluster_secret_file", str, "",
+     "file holding the cluster secret (mode 0600); keeps it out of ps"),
+    ("tls_cert", str, "",
+     "PEM certificate chain: the port serves wss:// and https:// only"),
+    ("tls_key", str, "", "PEM private key for tls_cert"),
+    ("tls_ca", str, "",
+     "CA file this node trusts for its own https calls to peers; "
+     "default the system's"),
     ("raft_min_timeout_ms", int, 1000, "election timeout, lower bound"),
     ("raft_max_timeout_ms", int, 2500, "election timeout, upper bound"),
     ("leader_fallback_timeout_ms", int, 3000, "a leader without a majority steps down"),
@@ -76,6 +91,12 @@ SETTINGS = [
      "replies and pushes not yet written, per node; then the heaviest clients pause"),
     ("client_write_buffer_bytes_max", int, 4 << 20,
      "unwritten bytes to one client; a push beyond closes it with 4009"),
+    ("client_pending_requests_max", int, 1024,
+     "requests read and not yet answered per connection; then its reads pause"),
+    ("recipient_events_max", int, 1_000_000,
+     "undelivered events per recipient app; a PUB beyond gets -FAIL:QUEUE_FULL"),
+    ("conn_proof_required", bool, False,
+     "CONN must sign a CHALLENGE nonce with the app's Ed25519 secret key"),
 ]
 
 
@@ -115,7 +136,21 @@ def _pick(name, kind, default, flag, from_file):
     try:
         return _switch(raw) if kind is bool else kind(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from None
+        source = f"ENSYNC_{name.upper()}" if env is not None else f"{name} in --config"
+        raise ConfigError(f"{source}={raw!r}: {_wanted(name, kind)}") from None
+
+
+def _wanted(name: str, kind) -> str:
+    """What a setting takes, with its unit: 'a whole number of milliseconds'."""
+    if kind is bool:
+        return "must be one of " + ", ".join(sorted(w for w in _SWITCH_WORDS if w))
+    if kind is not int:
+        return f"must be {kind.__name__}"
+    units = {"_ms": "milliseconds", "_bytes_max": "bytes", "_s_max": "per second"}
+    for suffix, unit in units.items():
+        if name.endswith(suffix):
+            return f"must be a whole number ({unit}, no unit suffix)"
+    return "must be a whole number"
 
 
 _SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True,
@@ -152,9 +187,45 @@ def parse_peer_http(text: str) -> dict[str, str]:
     return urls
 
 
+def cluster_secret_of(s: dict) -> str:
+    """The secret from cluster_secret or cluster_secret_file (one of them), or ""."""
+    secret, path = s["cluster_secret"], s["cluster_secret_file"]
+    if secret and path:
+        raise ConfigError("set cluster_secret or cluster_secret_file, not both")
+    if path:
+        try:
+            secret = read_secret_file(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read cluster_secret_file {path}: {exc}") from exc
+        if not secret:
+            raise ConfigError(f"cluster_secret_file {path} is empty")
+    if secret and len(secret) < CLUSTER_SECRET_CHARS_MIN:
+        raise ConfigError("the cluster secret must have at least "
+                          f"{CLUSTER_SECRET_CHARS_MIN} characters")
+    return secret
+
+
+def tls_contexts(s: dict) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server context or None for plain, client context for calls to peers)."""
+    if bool(s["tls_cert"]) != bool(s["tls_key"]):
+        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+    try:
+        client = tls.client_context(s["tls_ca"] or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load tls_ca {s['tls_ca']}: {exc}") from exc
+    if not s["tls_cert"]:
+        return None, client
+    try:
+        server = tls.server_context(s["tls_cert"], s["tls_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load tls_cert/tls_key: {exc}") from exc
+    return server, client
+
+
 def build_config(s: dict) -> NodeConfig:
     if not s["admin_token"]:
         raise ConfigError("admin_token is required (--admin-token or ENSYNC_ADMIN_TOKEN)")
+    tls_server, tls_client = tls_contexts(s)
     raft = RaftConfig(
         node_id=s["id"], raft_address=s["raft"], peers=parse_peers(s["peers"]),
         data_dir=s["data_dir"], raft_min_timeout_ms=s["raft_min_timeout_ms"],
@@ -164,7 +235,8 @@ def build_config(s: dict) -> NodeConfig:
         compaction_min_time_ms=s["compaction_min_time_ms"],
         write_timeout_ms=s["write_timeout_ms"], batch_ops_max=s["batch_ops_max"],
         batch_bytes_max=s["batch_bytes_max"],
-        batches_in_flight_max=s["batches_in_flight_max"])
+        batches_in_flight_max=s["batches_in_flight_max"],
+        cluster_secret=cluster_secret_of(s))
     return NodeConfig(raft=raft, host=s["host"], port=s["port"],
                       admin_token=s["admin_token"], ack_timeout_ms=s["ack_timeout_ms"],
                       node_down_ms=s["node_down_ms"],
@@ -183,7 +255,11 @@ def build_config(s: dict) -> NodeConfig:
                       connections_per_key_max=s["connections_per_key_max"],
                       reply_bytes_max=s["reply_bytes_max"],
                       client_write_buffer_bytes_max=s["client_write_buffer_bytes_max"],
-                      peer_http=parse_peer_http(s["peer_http"]))
+                      client_pending_requests_max=s["client_pending_requests_max"],
+                      recipient_events_max=s["recipient_events_max"],
+                      conn_proof_required=s["conn_proof_required"],
+                      peer_http=parse_peer_http(s["peer_http"]),
+                      tls_server=tls_server, tls_client=tls_client)
 
 
 class _NodeIdFilter(logging.Filter):
@@ -248,16 +324,23 @@ def setup_logging(node_id: str, log_file: str, level: str,
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def warn_open_secret_file(path: str) -> None:
+    if path and secret_file_too_open(path):
+        logging.getLogger("ensync.node").warning(
+            "cluster_secret_file is readable by other users; chmod 600 it path=%s",
+            path)
+
+
 async def serve(cfg: NodeConfig) -> None:
     node = Node(cfg)
     runner = web.AppRunner(build_app(node), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=cfg.tls_server)
     await site.start()
     node.start()
     logging.getLogger("ensync.node").info(
-        "ready id=%s ws=ws://%s:%d/message raft=%s pid=%d", cfg.id, cfg.host,
-        cfg.port, cfg.raft.raft_address, os.getpid())
+        "ready id=%s ws=%s raft=%s pid=%d", cfg.id, cfg.ws_url,
+        cfg.raft.raft_address, os.getpid())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -274,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         cfg = build_config(settings)
+        unsafe.ack_before_commit_requested()  # refused outside test builds
         setup_logging(cfg.id, settings["log_file"], settings["log_level"],
                       settings["log_json"])
-    except ConfigError as exc:
+        warn_open_secret_file(settings["cluster_secret_file"])
+    except (ConfigError, unsafe.UnsafeRefused) as exc:
         print(f"ensync-node: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -60,6 +60,18 @@ NODE_COUNTERS = {
     "reply_bytes_pauses_total": "client reads paused while reply_bytes_max was full",
     "slow_consumer_closes_total":
         "clients closed with 4009 over client_write_buffer_bytes_max",
+    "push_freshness_barriers_total":
+        "barriers this node ran before pushing again after losing touch",
+    "fresh_read_barriers_total":
+        "Raft barriers for lookups that missed (unknown key, recipient, idem)",
+    "fresh_reads_shared_total": "missed lookups answered by a barrier shared",
+    "queue_full_rejected_total":
+        "PUBs refused over recipient_events_max (-FAIL:QUEUE_FULL)",
+    "conn_proof_failures_total": "CONNs refused for a missing or bad proof",
+    "abandoned_sessions_total":
+        "sessions closed because their client left while the CONN committed",
+    "pending_requests_pauses_total":
+        "client reads paused at client_pending_requests_max unanswered requests",
 }
 
 
@@ -205,6 +217,12 @@ def _raft_families(raft: RaftStatistics, lag_max: int,
                    raft.apply_skipped_total)
     yield _counter("ensync_snapshot_installs_total",
                    "snapshots installed from the leader", raft.snapshot_installs_total)
+    yield _gauge("ensync_raft_peers_authenticated",
+                 "1 when a cluster secret seals every Raft peer frame",
+                 int(raft.peers_authenticated))
+    yield _counter("ensync_raft_peer_refusals_total",
+                   "Raft peer frames refused for a wrong or missing cluster secret",
+                   raft.peer_refusals_total)
 
 
 def _journal_families(journal) -> Iterator[Metric]:

@@ -90,23 +90,27 @@ SCHEMAS = {
         id=STR, role={"enum": ["leader", "follower", "candidate"]}, term=INT,
         commit_index=INT, applied_index=INT, state_applied_index=INT,
         leader=_nullable("string"), has_quorum=BOOL, clients=INT, ws_url=STR,
-        raft_address=STR, log_len=INT, publishes_total=INT, deliveries_total=INT,
-        acks_total=INT),
+        raft_address=STR, raft_peers_authenticated=BOOL, raft_partners=INT,
+        raft_readonly_peers=INT, log_len=INT, publishes_total=INT,
+        deliveries_total=INT, acks_total=INT),
     "Key": _obj(("name", "app_id", "send", "receive"), name=STR, app_id=STR,
-                send=STRS, receive=STRS, created_ms=INT),
+                send=STRS, receive=STRS, created_ms=INT,
+                expires_ms=_nullable("integer"), expired=BOOL),
     "NewKey": _obj(("name", "send", "receive"), name=STR, send=STRS, receive=STRS,
-                   if_absent=BOOL),
+                   if_absent=BOOL, expires_ms=INT, expires_in_ms=INT),
     "CreatedKey": _obj(("name", "app_id", "send", "receive", "created"),
                        name=STR, app_id=STR, send=STRS, receive=STRS, created=BOOL,
-                       access_key=STR, secret_key=STR),
+                       access_key=STR, secret_key=STR,
+                       expires_ms=_nullable("integer")),
     "KeyState": _obj(("name", "app_id", "disabled"), name=STR, app_id=STR,
                      disabled=BOOL),
     "RotatedKey": _obj(("name", "app_id", "access_key"), name=STR, app_id=STR,
-                       access_key=STR),
+                       access_key=STR, expires_ms=_nullable("integer")),
     "App": _obj(("app_id", "name", "send", "receive", "created_ms", "disabled",
                  "sessions"),
                 app_id=STR, name=STR, send=STRS, receive=STRS, created_ms=INT,
-                disabled=BOOL, sessions=INT),
+                disabled=BOOL, sessions=INT, expires_ms=_nullable("integer"),
+                expired=BOOL),
     "Queue": _obj(
         ("app_id", "app_name", "name", "pending", "in_flight", "oldest_age_ms",
          "delivered_per_s"),
@@ -149,7 +153,10 @@ PATHS = {
                     _ref("CreatedKey"), ok_status=201, errors=(400, 409, 503),
                     body=_ref("NewKey"),
                     description="With if_absent and an existing name: 200 and "
-                                "the existing record, without secrets."),
+                                "the existing record, without secrets. "
+                                "expires_ms (ms since the epoch) or expires_in_ms "
+                                "gives the key an expiry: then CONN fails with "
+                                "UNAUTHORIZED and its sessions close."),
     },
     "/admin/keys/{name}/disable": {"post": _op(
         "disable a key; its open sessions close at once", _ref("KeyState"),
@@ -161,7 +168,9 @@ PATHS = {
         "replace a key's access key", _ref("RotatedKey"), params=(KEY_NAME,),
         errors=(404, 409, 503),
         description="The old access key stops working and its sessions close; "
-                    "the app id and the secret key stay.")},
+                    "the app id and the secret key stay. An optional JSON body "
+                    "{expires_ms} or {expires_in_ms} gives the new key an "
+                    "expiry; without one it does not expire.")},
     "/admin/apps": {"get": _op("every app (key) with its live session count",
                                _list_of("apps", _ref("App")))},
     "/admin/queues": {"get": _op(

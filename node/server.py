@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import secrets
+import ssl
 
 import orjson
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from nacl.signing import SigningKey
 from node.errors import BrokerError, NotLeader, RequestRejected, Unavailable
 from node.rates import DeliveryRates
 from node.session import Connection
+from node.unsafe import EarlyAcker
 from raft import schema
 from raft.machine import Proposer, RaftConfig, ReplicatedBroker, now_ms
 from raft.schema import PENDING
@@ -49,7 +51,9 @@ RETENTION_OPS_MAX = 256
 # Ops that can hand an in-flight event back, so may send it to the DLQ.
 RETURNING_OPS = frozenset({"session_close", "node_boot", "node_down", "unsub",
                            "rollback", "requeue", "key_disable", "key_rotate",
-                           "release"})
+                           "key_expire", "release"})
+# Key expiries the leader proposes per dispatcher round.
+KEY_EXPIRE_OPS_MAX = 64
 # Client ops committed through this node, counted for the dashboard's rates.
 COUNTED_OPS = {"publish": "publishes_total", "ack": "acks_total"}
 # Leadership transfer: how long an admin call waits for the new leader, how often
@@ -83,16 +87,34 @@ class NodeConfig:
     idle_after_ms: int = 60_000
     ready_lag_entries_max: int = 100  # /ready: applied may trail commit this much
     # Client limits (node/session.py, node/limits.py; docs/PROTOCOL.md "Limits").
-    client_frames_per_s_max: int = 20_000
+    # 2000: the SDK awaits each reply, so a client of it stays far below; one
+    # node here handles about 10 000 junk frames a second in all, so 20 000
+    # (the first default) let one flooding socket take the whole loop
+    # (docs/bench/flood.json). Pipelining tools set their own.
+    client_frames_per_s_max: int = 2000
     client_abuse_close_ms: int = 5000
     connections_per_key_max: int = 256
     reply_bytes_max: int = 64 << 20
     client_write_buffer_bytes_max: int = 4 << 20
+    client_pending_requests_max: int = 1024
+    # Undelivered events per recipient app; a PUB beyond gets -FAIL:QUEUE_FULL.
+    recipient_events_max: int = 1_000_000
+    # CONN must prove possession of the app's Ed25519 secret key (node/session.py).
+    conn_proof_required: bool = False
     peer_http: dict[str, str] = field(default_factory=dict)  # id -> http://host:port
+    # node/tls.py: None serves plain ws:// and http://; the client context
+    # verifies peers this node calls over https (the dashboard's cluster view).
+    tls_server: ssl.SSLContext | None = None
+    tls_client: ssl.SSLContext | None = None
 
     @property
     def id(self) -> str:
         return self.raft.node_id
+
+    @property
+    def ws_url(self) -> str:
+        scheme = "ws" if self.tls_server is None else "wss"
+        return f"{scheme}://{self.host}:{self.port}/message"
 
 
 class Node:
@@ -113,12 +135,23 @@ class Node:
         self._node_down_sent_ms: dict[str, int] = {}
         self.counters = collections.Counter()
         self.delivery_rates = DeliveryRates()
+        # Pushes wait until a barrier proposed after the node last lost touch
+        # with the cluster has applied here (raft/freshness.py, _maybe_stale).
+        self._fresh_marks = 0
+        self._stale_logged_marks = 0
+        self._freshening: asyncio.Future | None = None
+        # UNSAFE, test builds only (node/unsafe.py); None everywhere else.
+        self.early_acker = EarlyAcker.from_environment(self.commit, self.counters)
         # Client limits: open sockets, sessions per app (access key) on this
         # node, and reply and push text built but not yet written.
         self.live_connections = 0
         self.key_connections: collections.Counter = collections.Counter()
         self._keys_warned: set[str] = set()
         self.reply_bytes = 0
+        # read_fresh: barriers proposed and finished; one runs at a time.
+        self._barriers_started = 0
+        self._barriers_done = 0
+        self._barrier_lock = asyncio.Lock()
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._dispatch_loop()))
@@ -131,6 +164,8 @@ class Node:
         """Fail waiting writes, close clients; the caller then stops Raft."""
         for task in self._tasks:
             task.cancel()
+        if self.early_acker is not None:
+            self.early_acker.close()
         self.proposer.close()
         closing = [conn.ws.close(code=1001, message=b"node shutting down")
                    for conn in list(self.connections.values())]
@@ -144,7 +179,8 @@ class Node:
     # -- state access (loop thread) -------------------------------------------------
 
     def app_for_key(self, access_key: str) -> str | None:
-        """The app of an enabled access key, or None."""
+        """The app of an enabled access key, or None; an expired key's app too
+        (``key_expired`` tells the caller it has expired)."""
         with self.broker.lock:
             state = self.broker.state
             app = state.key_hashes.get(schema.hash_access_key(access_key))
@@ -165,10 +201,24 @@ class Node:
         """
         found = lookup(*args)
         if found is None:
-            # TODO(#6): rate-limit misses; each one costs a Raft round trip.
-            await self.commit({"op": "barrier"})
+            await self.fresh_barrier()
             found = lookup(*args)
         return found
+
+    async def fresh_barrier(self) -> None:
+        """A Raft barrier proposed after this call began, shared by every miss
+        waiting meanwhile: a client sending unknown keys, recipients or idems
+        costs the log one entry per round trip, not one per frame."""
+        wanted = self._barriers_started + 1
+        async with self._barrier_lock:
+            if self._barriers_done >= wanted:
+                self.counters["fresh_reads_shared_total"] += 1
+                return
+            self._barriers_started += 1
+            started = self._barriers_started
+            self.counters["fresh_read_barriers_total"] += 1
+            await self.commit({"op": "barrier"})
+            self._barriers_done = max(self._barriers_done, started)
 
     def stored_event(self, idem: str) -> tuple[dict, dict] | None:
         """(record, delivery state) of an event, from this node's RocksDB."""
@@ -209,11 +259,15 @@ class Node:
         op.setdefault("ts", now_ms())
         if op["op"] in RETURNING_OPS:
             op["delivery_limit"] = self.cfg.delivery_limit
+        if op["op"] == "publish":
+            op["recipient_events_max"] = self.cfg.recipient_events_max
         return op
 
     async def commit(self, op: dict) -> dict:
         result = await self.proposer.propose(self._stamp(op))
         if result.get("error"):
+            if result["error"] == "QUEUE_FULL":
+                self.counters["queue_full_rejected_total"] += 1
             raise BrokerError(result["message"], result["error"])
         if op["op"] in COUNTED_OPS:
             self.counters[COUNTED_OPS[op["op"]]] += 1
@@ -240,9 +294,9 @@ class Node:
 
     def _deliver(self, push: Push, body: bytes) -> None:
         conn = self.connections.get(push.sid)
-        if conn is not None and self._lagging():
-            # This node is far behind the log (it was paused or cut off): later
-            # entries may requeue or ack this event. Push once caught up.
+        if conn is not None and (self._lagging() or self._maybe_stale()):
+            # This node is far behind the log, or may be (it was paused or cut
+            # off): later entries may requeue or ack this event. Push once caught up.
             self.loop.call_later(PUSH_LAG_RECHECK_MS / 1000, self._deliver, push, body)
             return
         if conn is not None and self._superseded(push):
@@ -262,6 +316,35 @@ class Node:
     def _lagging(self) -> bool:
         behind = self.broker.raftCommitIndex - self.broker.raftLastApplied
         return behind > PUSH_LAG_ENTRIES_MAX
+
+    def _maybe_stale(self) -> bool:
+        """True until a barrier proposed after this node's last gap (a stall, or
+        no AppendEntries for a while: raft/freshness.py) has applied here.
+
+        What arrives right after a gap can be old: entries and commit indexes the
+        kernel buffered while the process stood still. The barrier's entry comes
+        after everything committed when it was proposed, so once it is applied
+        here, ``_superseded`` judges a held push against a current state.
+        """
+        freshness = self.broker.freshness
+        marks = freshness.lost_touch_total
+        if marks == self._fresh_marks and not freshness.silent():
+            return False
+        if self._freshening is None or self._freshening.done():
+            if marks != self._stale_logged_marks:
+                self._stale_logged_marks = marks
+                log.info("lost touch with the cluster; pushes wait for a barrier "
+                         "marks=%d", marks)
+            self._freshening = asyncio.ensure_future(self._freshen(marks))
+        return True
+
+    async def _freshen(self, marks: int) -> None:
+        try:
+            await self.commit({"op": "barrier"})
+        except BrokerError:
+            return  # no quorum yet: the next held push starts another
+        self.counters["push_freshness_barriers_total"] += 1
+        self._fresh_marks = max(self._fresh_marks, marks)
 
     def _superseded(self, push: Push) -> bool:
         with self.broker.lock:
@@ -286,6 +369,19 @@ class Node:
             return
         self.connections.pop(conn.sid, None)
         await self._close_session(conn.sid, "client closed")
+
+    def abandon_session(self, sid: str, reason: str) -> None:
+        """Close a session whose CONN nobody will see answered.
+
+        A client that gave up (closed the socket) while its CONN was committing
+        leaves ``on_disconnect`` nothing to close, and the session would stay
+        open, counted against its key, until this node restarts. A close for a
+        session that never opened changes nothing, so this is safe when the
+        open's outcome is unknown too: proposed later, it lands after it.
+        """
+        self.counters["abandoned_sessions_total"] += 1
+        log.info("closing a session whose client left during CONN sid=%s", sid)
+        asyncio.ensure_future(self._close_session(sid, reason))
 
     async def _close_session(self, sid: str, reason: str) -> None:
         # Bounded retries; if all fail, the push path or node_down closes it later.
@@ -433,6 +529,7 @@ class Node:
             state.expire_plans(now, self.cfg.plan_age_ms_max)
             ops = state.plan(now, term, self.cfg.ack_timeout_ms,
                              self.cfg.dispatch_ops_max)
+            ops += state.plan_key_expiry(now, KEY_EXPIRE_OPS_MAX)
             nodes = state.nodes_with_sessions()
         return ops + self._node_down_ops(nodes, now, term)
 
@@ -476,8 +573,14 @@ class Node:
             "leader": self.broker.leader_id(),
             "has_quorum": bool(raw.get("has_quorum")),
             "clients": len(self.connections),
-            "ws_url": f"ws://{self.cfg.host}:{self.cfg.port}/message",
+            "ws_url": self.cfg.ws_url,
             "raft_address": self.cfg.raft.raft_address,
+            # A cluster secret seals every Raft peer frame (raft/peer_auth.py);
+            # without one, any process reaching the Raft port may attach as a
+            # read-only listener and receive the log: counted here.
+            "raft_peers_authenticated": bool(self.cfg.raft.cluster_secret),
+            "raft_partners": raw.get("partner_nodes_count", 0),
+            "raft_readonly_peers": raw.get("readonly_nodes_count", 0),
             "log_len": raw.get("log_len", 0),
             # Since this process started; rates are the client's business.
             "publishes_total": self.counters["publishes_total"],
@@ -557,7 +660,7 @@ class Node:
 
         with self.broker.lock:
             state = self.broker.state
-            held = collections.Counter(sid for sid, _ in state.inflight)
+            held = collections.Counter(sid for sid, _, _ in state.inflight)
             live = heapq.nsmallest(limit, state.sessions.items(),
                                    key=lambda kv: (kv[1].opened_ms, kv[0]))
             rows = [self._live_session_row(sid, s, held[sid], now) for sid, s in live]
@@ -624,6 +727,8 @@ class Node:
             rows = [{"app_id": app_id, "name": rec["name"], "send": rec["send"],
                      "receive": rec["receive"], "created_ms": rec["created_ms"],
                      "disabled": bool(rec.get("disabled")),
+                     "expires_ms": rec.get("expires_ms"),
+                     "expired": bool(rec.get("expired")),
                      "sessions": len(state.app_sessions.get(app_id, ()))}
                     for app_id, rec in state.apps.items()]
         rows.sort(key=lambda row: row["name"])

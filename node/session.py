@@ -20,6 +20,8 @@ and warned about once per connection or key:
 - frames per second (node/limits.py): an excess frame gets ``RATE_LIMITED``;
   one refused for ``client_abuse_close_ms`` closes the socket with 4008.
 - connections per access key on this node: the CONN beyond it is refused.
+- unanswered requests per connection (``client_pending_requests_max``): the
+  reader stops until the oldest is answered; nothing is refused.
 - reply memory per node (``reply_bytes_max``): replies and pushes built but not
   yet written. When full, the connections holding at least the mean pause their
   readers, the existing backpressure path. Chosen over refusing new requests:
@@ -39,16 +41,15 @@ import re
 import orjson
 from aiohttp import WSMsgType, web
 
-from node import protocol
-from node.errors import BrokerError, ProtocolError, RequestRejected
+from node import proof, protocol
+from node.errors import BrokerError, ProtocolError, RequestRejected, Unavailable
 from node.limits import FrameRate, Verdict, must_pause
 from raft import schema
 from raft.machine import now_ms
+from raft.state import key_expired
 
 log = logging.getLogger("ensync.session")
 
-# Requests read but not yet answered, per connection; the reader waits beyond it.
-PENDING_REQUESTS_MAX = 1024
 # Closing a client that hit a limit: how long its close handshake may take before
 # the socket is dropped with whatever it still had buffered.
 LIMIT_CLOSE_TIMEOUT_MS = 5000
@@ -68,6 +69,9 @@ EVENT_NAME_BYTES_MAX = 256
 _EVENT_NAME = re.compile(r"[!-:<-~]{1,%d}\Z" % EVENT_NAME_BYTES_MAX)
 # SUB ... ;ACK_TIMEOUT_MS=<ms> (ours): at most a day.
 ACK_TIMEOUT_MS_MAX = 86_400_000
+# SUB ... ;WINDOW=<n> (ours): records one subscription may hold unacknowledged
+# at once. The SDK never sends it and gets one at a time (need-based push).
+SUB_WINDOW_MAX = 1024
 # DEFER (spec 3.8): DELAY defaults to 60 s; at most a day.
 DEFER_DELAY_MS_DEFAULT = 60_000
 DEFER_DELAY_MS_MAX = 86_400_000
@@ -99,7 +103,10 @@ class Connection:
         self.transport = transport
         self.sid: str | None = None
         self.app: str | None = None
-        self.replies: asyncio.Queue = asyncio.Queue(PENDING_REQUESTS_MAX)
+        # Requests read and not yet answered; the reader waits while it is full
+        # (client_pending_requests_max): backpressure on the client's socket.
+        self.replies: asyncio.Queue = asyncio.Queue(
+            node.cfg.client_pending_requests_max)
         self.sub_ready_at: dict[str, float] = {}
         # pattern -> pushes held back right after SUB: (timer, push arguments)
         self._held: dict[str, list] = {}
@@ -118,6 +125,9 @@ class Connection:
         self._closing = False
         self._key_slot: str | None = None
         self._warned: set[str] = set()
+        # Proof of possession (node/proof.py): the one nonce this connection
+        # holds, and when it was issued (loop time, ms).
+        self._nonce: tuple[str, int] | None = None
 
     # -- reading ----------------------------------------------------------------
 
@@ -157,6 +167,10 @@ class Connection:
                 await self._enqueue(_failed(RequestRejected(
                     f"more than {self.rate.rate_per_s} frames per second",
                     "RATE_LIMITED")))
+            # Read the next frame no sooner than a token is due: refusals cost
+            # the node too, so a flooding socket is read at the limit's pace
+            # and the rest waits in the kernel (TCP backpressure).
+            await asyncio.sleep(self.rate.wait_ms(_monotonic_ms()) / 1000)
             return True
 
         await self._wait_for_reply_memory()
@@ -210,20 +224,37 @@ class Connection:
         self.held_bytes = 0
 
     async def _close_for_limit(self, code: int, reason: bytes) -> None:
-        """Close with ``code``; drop the socket if the client does not answer.
+        """Close with ``code`` without spending more on the client.
 
-        A client that does not read never answers the close frame, and its
-        unread bytes would keep the socket (and the memory) alive; after
-        ``LIMIT_CLOSE_TIMEOUT_MS`` the transport is aborted.
+        A client closed for a limit is not trusted to answer the close frame:
+        one that does not read never will, and one that floods goes on
+        sending, which aiohttp's close handshake would parse and drop at full
+        speed. So once the close frame is written, the socket's reads go to
+        a protocol that drops them unparsed, and our side of the connection
+        is shut for writing; the socket closes when the client closes its
+        side, or is dropped after ``LIMIT_CLOSE_TIMEOUT_MS``. Reads go on
+        (unparsed) rather than stop: closing a socket with unread bytes in
+        its buffer sends a reset, and the client's kernel may then drop the
+        close frame before the client reads it.
         """
         self._closing = True
+        closing = asyncio.ensure_future(self.ws.close(code=code, message=reason,
+                                                      drain=False))
+        await asyncio.sleep(0)  # ws.close writes the close frame on its first step
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.set_protocol(_DropReads(transport.get_protocol()))
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+            asyncio.get_running_loop().call_later(LIMIT_CLOSE_TIMEOUT_MS / 1000,
+                                                  transport.abort)
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason,
-                                                 drain=False),
-                                   LIMIT_CLOSE_TIMEOUT_MS / 1000)
+            await asyncio.wait_for(closing, LIMIT_CLOSE_TIMEOUT_MS / 1000)
         except (asyncio.TimeoutError, ConnectionError):
-            if self.transport is not None:
-                self.transport.abort()
+            if transport is not None:
+                transport.abort()
 
     def _drop_unsent_replies(self) -> None:
         """The socket is gone: nobody will read these replies, or their errors."""
@@ -259,6 +290,11 @@ class Connection:
         # before the reader looks at reply memory again.
         self._hold(reserved)
         task = asyncio.ensure_future(self._accounted(awaitable, reserved))
+        if self.replies.full():
+            self.node.counters["pending_requests_pauses_total"] += 1
+            self._warn_once("pending", "client at its unanswered request limit, "
+                            "pausing reads peer=%s sid=%s pending_max=%d", self.peer,
+                            self.sid, self.replies.maxsize)
         await self.replies.put(task)
 
     async def _accounted(self, awaitable, reserved: int) -> str:
@@ -299,6 +335,9 @@ class Connection:
     async def _handle(self, req: protocol.Request) -> str:
         if req.verb == "CONN":
             return await self._conn(req)
+        if req.verb == "CHALLENGE":
+            self._nonce = (proof.new_nonce(), _monotonic_ms())
+            return protocol.passed("CHALLENGE", NONCE=self._nonce[0])
         if self.sid is None or req.get("CLIENT_ID") != self.sid:
             raise RequestRejected("unknown client id for this connection",
                                   "CLIENT_NOT_FOUND")
@@ -319,9 +358,13 @@ class Connection:
                 raise RequestRejected("unknown client id", "CLIENT_NOT_FOUND")
             raise ProtocolError("missing ACCESS_KEY", "MISSING_PARAMETERS")
 
+        nonce, self._nonce = self._nonce, None  # used up by this CONN, whatever
         app = await self.node.read_fresh(self.node.app_for_key, key)
         if app is None:
             raise RequestRejected("access key is not valid", "UNAUTHORIZED")
+        if key_expired(self.node.app_record(app), now_ms()):
+            raise RequestRejected("access key has expired", "UNAUTHORIZED")
+        self._check_proof(req, app, nonce)
         if self.sid is not None and app == self.app:
             return protocol.conn_passed(self.sid, app)
         if self.sid is not None:
@@ -335,16 +378,52 @@ class Connection:
         try:
             await self.node.commit({"op": "session_open", "sid": sid, "app": app,
                                     "node": self.node.id, "boot": self.node.boot})
-        except BaseException:
+        except BaseException as exc:
             self.node.release_key_slot(app)
+            # Cancelled (the writer awaiting this reply is cancelled when the
+            # socket closes) or timed out: the open may still commit, unowned.
+            if isinstance(exc, Unavailable) or not isinstance(exc, BrokerError):
+                self.node.abandon_session(sid, "client left during CONN")
             raise
-        if self._gone:  # the socket closed while the CONN committed
+        if self._gone:
+            # The socket closed while the CONN committed: on_disconnect found no
+            # session to close, so close the one that just opened. Nobody reads
+            # the reply.
             self.node.release_key_slot(app)
-        else:
-            self._key_slot = app
+            self.node.abandon_session(sid, "client left during CONN")
+            return protocol.conn_passed(sid, app)
+        self._key_slot = app
         self.sid, self.app = sid, app
         self.node.connections[sid] = self
         return protocol.conn_passed(sid, app)
+
+    def _check_proof(self, req: protocol.Request, app: str,
+                     nonce: tuple[str, int] | None) -> None:
+        """A CONN's proof of possession, when it carries one or the node
+        requires one (node/proof.py)."""
+        try:
+            self._verify_proof(req, app, nonce)
+        except RequestRejected:
+            self.node.counters["conn_proof_failures_total"] += 1
+            raise
+
+    def _verify_proof(self, req: protocol.Request, app: str,
+                      nonce: tuple[str, int] | None) -> None:
+        signature = req.get("SIGNATURE")
+        if not signature and not req.get("NONCE"):
+            if self.node.cfg.conn_proof_required:
+                raise RequestRejected("this node requires proof of possession: "
+                                      "CHALLENGE, then CONN with NONCE and SIGNATURE",
+                                      "UNAUTHORIZED")
+            return
+        if nonce is None or req.get("NONCE") != nonce[0]:
+            raise RequestRejected("NONCE was not issued to this connection or "
+                                  "is used up", "UNAUTHORIZED")
+        if _monotonic_ms() - nonce[1] > proof.NONCE_TTL_MS:
+            raise RequestRejected("NONCE has expired", "UNAUTHORIZED")
+        if not signature or not proof.verify(app, nonce[0], signature):
+            raise RequestRejected("SIGNATURE does not prove the app's secret key",
+                                  "UNAUTHORIZED")
 
     async def _pub(self, req: protocol.Request) -> str:
         name = _event_name(req)
@@ -372,6 +451,10 @@ class Connection:
               "payload": payload, "metadata": metadata, "node": self.node.id,
               "sid": self.sid, "dedup_window_ms": self.node.cfg.dedup_window_ms}
         op.update(_publish_options(metadata))
+        if self.node.early_acker is not None:  # UNSAFE test builds (node/unsafe.py)
+            early = self.node.early_acker.publish(op)
+            if early is not None:
+                return early
         result = await self.node.commit(op)
         return protocol.passed("PUBLISHED", IDEM=result["idem"], TIMESTAMP=result["ts"])
 
@@ -388,6 +471,9 @@ class Connection:
         ack_timeout_ms = _int_param(req, "ACK_TIMEOUT_MS", 0, 1000, ACK_TIMEOUT_MS_MAX)
         if ack_timeout_ms:
             op["ack_timeout_ms"] = ack_timeout_ms
+        window = _int_param(req, "WINDOW", 1, 1, SUB_WINDOW_MAX)
+        if window > 1:
+            op["window"] = window
         await self.node.commit(op)
         self.sub_ready_at[pattern] = loop.time() + PUSH_HOLD_AFTER_SUB_MS / 1000
         return protocol.passed("SUBSCRIBED", EVENT_NAME=pattern)
@@ -456,15 +542,34 @@ class Connection:
         if not idem:
             # TODO(#3): range replay by FROM_POSITION (docs only; no SDK sends it).
             raise ProtocolError("REPLAY needs EVENT_IDEM", "MISSING_PARAMETERS")
-        found = await self.node.read_fresh(self.node.stored_event, idem)
-        record, delivery = found if found else (None, None)
-        if record is None or self.app not in (record["sender"], delivery["to"]):
+        # One answer for every event the caller may not see, so none can tell
+        # whether it exists: unknown, another app's, or one addressed to the
+        # caller under a name its receive permission does not cover. Each of
+        # them waits for the same Raft barrier too, so neither can the time.
+        name = req.get("EVENT_NAME")
+        found = self.node.stored_event(idem)
+        if found is None or not self._may_replay(*found, name):
+            await self.node.fresh_barrier()
+            found = self.node.stored_event(idem)
+        if found is None or not self._may_replay(*found, name):
             raise RequestRejected("no such event", "NOT_FOUND")
+        record, delivery = found
         internal = record["metadata"].setdefault("$internal", {})
         internal["replay_info"] = {
             "isReplayed": True, "replayTimestamp": now_ms(),
             "wasAcknowledged": delivery["state"] == "acked"}
         return protocol.record_frame(record, prefix="+REPLAY:")
+
+    def _may_replay(self, record: dict, delivery: dict, name: str | None) -> bool:
+        """Its sender may replay an event; so may its recipient, if the name is
+        one it may receive. An EVENT_NAME given must match the event's name."""
+        if name and not schema.matches(name, record["name"]):
+            return False
+        if record["sender"] == self.app:
+            return True
+        app = self.node.app_record(self.app)
+        return delivery["to"] == self.app and app is not None and any(
+            schema.matches(p, record["name"]) for p in app["receive"])
 
     # -- pushes ------------------------------------------------------------------
 
@@ -517,6 +622,23 @@ class Connection:
             pass  # the disconnect path hands the record on
         finally:
             self._release(len(frame))
+
+
+class _DropReads(asyncio.Protocol):
+    """What a socket closed for a limit still sends: read and dropped unparsed.
+    Its end is handed to aiohttp's protocol, which then finishes the socket."""
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
 
 
 def _int_param(req: protocol.Request, key: str, default: int, low: int,

@@ -44,7 +44,9 @@ from typing import Any
 import pysyncobj.syncobj
 import pysyncobj.transport
 
+from raft.commit_guard import guard_commit_index
 from raft.journal import DurableJournal, JournalError
+from raft.peer_auth import PeerRefusals, check_connection, remote_address
 
 # Message types whose sending promises nothing about the sender's log.
 _SYNC_EXEMPT_MESSAGE_TYPES = frozenset({"apply_command", "apply_command_response"})
@@ -174,13 +176,20 @@ class Outbox:
 class SyncingTCPTransport(pysyncobj.transport.TCPTransport):
     """TCPTransport that sends nothing while the local journal has unflushed entries.
 
-    Pass it as ``transportClass`` to ``SyncObj``.
+    Pass it as ``transportClass`` to ``SyncObj``. With a cluster secret it also
+    reports peers whose frames fail the secret check (``raft/peer_auth.py``).
     """
 
     def __init__(self, syncObj, selfNode, otherNodes) -> None:
         # SyncObj creates its journal and poller before its transport.
         send_now = super().send
         self.outbox = Outbox(durable_journal_of(syncObj), send_now)
+        # Before super().__init__, which adds the peers' connections. The SyncObj
+        # may bring its own counter, to show it in its statistics.
+        self.peer_refusals = getattr(syncObj, "peer_refusals", None) or PeerRefusals()
+        # raft/freshness.py, when the SyncObj brings one: told of every
+        # AppendEntries before pysyncobj applies what it carries.
+        self._freshness = getattr(syncObj, "freshness", None)
         super().__init__(syncObj, selfNode, otherNodes)
 
         syncObj.addOnTickCallback(self.outbox.flush)
@@ -188,6 +197,28 @@ class SyncingTCPTransport(pysyncobj.transport.TCPTransport):
 
     def send(self, node, message) -> bool:
         return self.outbox.send(node, message)
+
+    def _onMessageReceived(self, node, message) -> None:
+        # Called on the tick thread, like pysyncobj's handler.
+        if (self._freshness is not None and isinstance(message, dict)
+                and message.get("type") == "append_entries"):
+            self._freshness.append_received()
+        # A snapshot message must not commit our unverified log suffix
+        # (raft/commit_guard.py).
+        super()._onMessageReceived(
+            node, guard_commit_index(message, self._syncObj.raftCommitIndex))
+
+    def addNode(self, node) -> None:
+        super().addNode(node)
+        # Only for the peers we dial; a refusal here means whatever answers at a
+        # member's address does not hold the secret (an impostor on its port).
+        conn = self._connections.get(node)
+        if conn is not None:
+            check_connection(conn, node.address, "outgoing", self.peer_refusals)
+
+    def _onNewIncomingConnection(self, conn) -> None:
+        super()._onNewIncomingConnection(conn)
+        check_connection(conn, remote_address(conn), "incoming", self.peer_refusals)
 
     def destroy(self) -> None:
         self.outbox.clear()

@@ -40,9 +40,11 @@ import pysyncobj.tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from node.errors import RequestRejected, Unavailable
-from raft import snapshot
+from raft import peer_wire, snapshot
 from raft.durability import (SyncingTCPTransport, durable_journal_of,
                              install_durable_journal)
+from raft.freshness import Freshness
+from raft.peer_auth import PeerRefusals
 from raft.state import BrokerState, Close, Push
 from raft.store import Store, applied_index_of
 
@@ -95,6 +97,9 @@ class RaftConfig:
     batch_bytes_max: int = 2 << 20
     batches_in_flight_max: int = 32
     write_timeout_ms: int = 10_000
+    # pysyncobj's password: every peer frame sealed and checked (raft/peer_auth.py).
+    # Empty: peer links are plain and anyone reaching the Raft port is believed.
+    cluster_secret: str = field(default="", repr=False)
     addresses: dict[str, str] = field(default_factory=dict)  # filled in post_init
 
     def __post_init__(self) -> None:
@@ -187,16 +192,29 @@ class ReplicatedBroker(SyncObj):
         self.leader_changes_total = 0
         self._leadership: tuple[object, int] | None = None  # (leader node, term)
         self._tick_calls: collections.deque[Callable[[], None]] = collections.deque()
+        self.peer_refusals = PeerRefusals()  # SyncingTCPTransport reports here
+        # Gaps in ticks and in AppendEntries (raft/freshness.py); the transport
+        # reports what arrives, node/server.py holds pushes after a gap.
+        self.freshness = Freshness()
 
         install_durable_journal()
+        peer_wire.install()
         source_host = raft_source_host(cfg.raft_address)
         if source_host is not None:
             install_raft_source_address(source_host)
         super().__init__(cfg.raft_address, list(cfg.peers.values()),
                          self._conf(), transportClass=SyncingTCPTransport)
+        peer_wire.keep_pipelined_next_index(self)
         self.addOnTickCallback(self._notice_leader)
         self.addOnTickCallback(self._run_tick_calls)
-        log.info("raft started address=%s applied=%d", cfg.raft_address, self.store.applied_index)
+        self.addOnTickCallback(self.freshness.tick)
+        log.info("raft started address=%s applied=%d peers_authenticated=%s",
+                 cfg.raft_address, self.store.applied_index,
+                 str(bool(cfg.cluster_secret)).lower())
+        if not cfg.cluster_secret and cfg.peers:
+            log.warning("raft peers are not authenticated: anyone who reaches "
+                        "address=%s can join the group; set cluster_secret_file",
+                        cfg.raft_address)
 
     def _conf(self) -> SyncObjConf:
         c = self.cfg
@@ -222,6 +240,7 @@ class ReplicatedBroker(SyncObj):
             logCompactionSplit=False,
             commandsWaitLeader=True,
             dynamicMembershipChange=False,
+            password=c.cluster_secret or None,
             onStateChanged=self._on_state_changed,
         )
 
@@ -259,7 +278,13 @@ class ReplicatedBroker(SyncObj):
             applied = self.state.apply_batch(batch["id"], batch["ops"], index)
             self.store.write(applied.writes, index)
             effects = [self._resolve(e) for e in applied.effects]
-        if effects:
+            # A publish or an ack pushes nothing, but it may give the leader's
+            # dispatcher work (an event to assign, a slot to fill): wake it now
+            # rather than at its next interval (dispatch_interval_ms). Only an
+            # app with a session can be assigned anything.
+            wake = self._isLeader() and any(self.state.app_sessions.get(app)
+                                            for app in self.state.dirty_apps)
+        if effects or wake:
             self._on_applied(effects)
         # The batch id travels back with the results: the proposer checks that
         # a callback answers the batch it was registered for.
@@ -411,6 +436,8 @@ class ReplicatedBroker(SyncObj):
             leader_changes_total=self.leader_changes_total,
             apply_skipped_total=self.apply_skipped,
             snapshot_installs_total=self.snapshot_installs,
+            peers_authenticated=bool(self.cfg.cluster_secret),
+            peer_refusals_total=self.peer_refusals.refusals_total,
         )
 
 
@@ -430,6 +457,8 @@ class RaftStatistics:
     leader_changes_total: int  # new (leader, term) pairs seen, since start
     apply_skipped_total: int
     snapshot_installs_total: int
+    peers_authenticated: bool = False  # a cluster secret seals every peer frame
+    peer_refusals_total: int = 0  # frames refused for a wrong or missing secret
 
 
 @dataclass
@@ -441,6 +470,9 @@ class _Batch:
     submitted_s: float = 0.0
     attempts: int = 0
     failed: bool = False
+    # When its first (oldest) op's write_timeout_ms runs out; the batch's
+    # callers are told UNAVAILABLE then.
+    deadline_s: float = float("inf")
 
 
 class Proposer:
@@ -463,8 +495,10 @@ class Proposer:
         self.loop = loop
         self._id_prefix = id_prefix
         self._seq = itertools.count(1)
-        # (serialized op, future), waiting for a batch
-        self._ops: collections.deque[tuple[bytes, asyncio.Future]] = collections.deque()
+        # (serialized op, future, its deadline in monotonic seconds), waiting
+        # for a batch; oldest first
+        self._ops: collections.deque[tuple[bytes, asyncio.Future, float]] = (
+            collections.deque())
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self._done: collections.deque = collections.deque()
@@ -482,7 +516,7 @@ class Proposer:
         """Fail every waiting write at once: the node is shutting down."""
         self.closed = True
         self._retry_task.cancel()
-        waiting = [fut for _, fut in self._ops]
+        waiting = [fut for _, fut, _ in self._ops]
         for batch in self._open.values():
             waiting.extend(batch.futures)
         self._ops.clear()
@@ -501,20 +535,16 @@ class Proposer:
         if len(encoded) > self.cfg.batch_bytes_max:
             raise RequestRejected("operation is larger than one Raft entry may be",
                                   "PAYLOAD_TOO_LARGE")
+        # No wait_for here: it costs a timer and two futures per op. The
+        # retry loop fails what outlives write_timeout_ms instead, at most
+        # RETRY_CHECK_MS late.
         started_s = time.monotonic()
         fut = self.loop.create_future()
-        self._ops.append((encoded, fut))
+        self._ops.append((encoded, fut, started_s + self.cfg.write_timeout_ms / 1000))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-
-        timeout_s = self.cfg.write_timeout_ms / 1000
-        try:
-            result = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except asyncio.TimeoutError:
-            raise Unavailable(
-                f"no commit within {self.cfg.write_timeout_ms} ms, outcome unknown"
-            ) from None
+        result = await fut
 
         if not result.get("error"):
             self.committed_ops[op["op"]] += 1
@@ -528,15 +558,15 @@ class Proposer:
             ops = self._take_ops()
             batch_id = f"{self._id_prefix}{next(self._seq)}"
             blob = (b'{"id":"' + batch_id.encode() + b'","ops":['
-                    + b",".join(op for op, _ in ops) + b"]}")
-            batch = _Batch(batch_id, blob.decode(), [fut for _, fut in ops],
-                           time.monotonic())
+                    + b",".join(op for op, _, _ in ops) + b"]}")
+            batch = _Batch(batch_id, blob.decode(), [fut for _, fut, _ in ops],
+                           time.monotonic(), deadline_s=ops[0][2])
             self._open[batch_id] = batch
             self.batches_total += 1
             self.ops_total += len(ops)
             self._submit(batch)
 
-    def _take_ops(self) -> list[tuple[bytes, asyncio.Future]]:
+    def _take_ops(self) -> list[tuple[bytes, asyncio.Future, float]]:
         taken, size = [], 0
         while self._ops and len(taken) < self.cfg.batch_ops_max:
             op_size = len(self._ops[0][0]) + 1
@@ -589,9 +619,11 @@ class Proposer:
         while True:
             await asyncio.sleep(self.RETRY_CHECK_MS / 1000)
             now = time.monotonic()
+            self._fail_late_ops(now)
             for batch in list(self._open.values()):
-                if now - batch.created_s > self.cfg.write_timeout_ms / 1000:
-                    del self._open[batch.batch_id]  # propose() has timed out
+                if now >= batch.deadline_s:
+                    del self._open[batch.batch_id]
+                    _fail_all(batch.futures, self._timed_out())
                     continue
                 wait_s = self.RETRY_FIRST_MS / 1000 * 2 ** (batch.attempts - 1)
                 if batch.failed or now - batch.submitted_s > wait_s:
@@ -600,12 +632,28 @@ class Proposer:
             if self._ops and not self._flush_scheduled:
                 self._flush()
 
+    def _timed_out(self) -> Unavailable:
+        return Unavailable(f"no commit within {self.cfg.write_timeout_ms} ms, "
+                           "outcome unknown")
+
+    def _fail_late_ops(self, now_s: float) -> None:
+        """Ops still waiting for a batch past their deadline: never sent now."""
+        while self._ops and self._ops[0][2] <= now_s:
+            _, fut, _ = self._ops.popleft()
+            _fail_all([fut], self._timed_out())
+
     def statistics(self) -> dict:
         return {"batches_total": self.batches_total, "ops_total": self.ops_total,
                 "batches_in_flight": len(self._open), "ops_waiting": len(self._ops),
                 "resubmits_total": self.resubmits_total,
                 "mismatched_callbacks_total": self.mismatched_callbacks_total,
                 "committed_ops": dict(self.committed_ops)}
+
+
+def _fail_all(futures: list[asyncio.Future], exc: Exception) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def now_ms() -> int:

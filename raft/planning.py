@@ -35,7 +35,8 @@ class Planning:
         for op in ops:
             if op["op"] == "assign":
                 self.planned[(op["p"], op["off"])] = now_ms
-                self.planned_slots[(op["sid"], op["pattern"])] = now_ms
+                slot = (op["sid"], op["pattern"], op.get("slot", 0))
+                self.planned_slots[slot] = now_ms
         return ops
 
     def _plan_timeouts(self, now_ms: int, term: int, ops_max: int) -> list[dict]:
@@ -76,33 +77,43 @@ class Planning:
         for sid in list(sids):
             session = self.sessions[sid]
             for pattern, paused in session.subs.items():
-                if paused or (sid, pattern) in self.inflight:
+                if paused:
                     continue
-                if (sid, pattern) in self.planned_slots:
+                free = [slot for slot in range(session.windows.get(pattern, 1))
+                        if (sid, pattern, slot) not in self.inflight
+                        and (sid, pattern, slot) not in self.planned_slots]
+                if not free:
                     continue
-                ev = self._next_pending(app, queues, pattern)
-                if ev is None:
-                    continue
-                if len(ops) >= ops_max:
+                room = ops_max - len(ops)
+                if room <= 0:
                     return False
-                ops.append({"op": "assign", "p": ev.p, "off": ev.off, "sid": sid,
-                            "pattern": pattern, "term": term, "ts": now_ms,
-                            "deadline_ms": now_ms + session.ack_timeouts_ms.get(
-                                pattern, ack_timeout_ms)})
-                self.planned[(ev.p, ev.off)] = now_ms
+                deadline_ms = now_ms + session.ack_timeouts_ms.get(pattern,
+                                                                   ack_timeout_ms)
+                for slot, ev in zip(free[:room], self._next_pending(
+                        app, queues, pattern, min(len(free), room))):
+                    op = {"op": "assign", "p": ev.p, "off": ev.off, "sid": sid,
+                          "pattern": pattern, "term": term, "ts": now_ms,
+                          "deadline_ms": deadline_ms}
+                    if slot:
+                        op["slot"] = slot
+                    ops.append(op)
+                    self.planned[(ev.p, ev.off)] = now_ms
+                if len(free) > room:
+                    return False  # slots left for the next round
         return True
 
-    def _next_pending(self, app: str, queues: dict, pattern: str):
-        """The pending, unplanned event of the app with the smallest rank that
-        ``pattern`` matches."""
-        best = None
+    def _next_pending(self, app: str, queues: dict, pattern: str, count: int) -> list:
+        """Up to ``count`` pending, unplanned events of the app that ``pattern``
+        matches, smallest rank first."""
+        found = []
         for name, queue in queues.items():
             if not schema.matches(pattern, name) or queue.pending <= 0:
                 continue
-            ev = queue.head(self.events, self.planned, self.reader, self._make_event)
-            if ev is not None and (best is None or ev.rank() < best.rank()):
-                best = ev
-        return best
+            found += queue.heads(count, self.events, self.planned, self.reader,
+                                 self._make_event)
+        if len(found) > 1:
+            found.sort(key=lambda ev: ev.rank())
+        return found[:count]
 
     def plan_expiry(self, now_ms: int, term: int, retention_ms: int,
                     ops_max: int) -> list[dict]:
@@ -122,6 +133,22 @@ class Planning:
                     ops.append({"op": "expire", "p": ev.p, "off": ev.off,
                                 "retention_ms": retention_ms, "term": term,
                                 "ts": now_ms})
+        return ops
+
+    def plan_key_expiry(self, now_ms: int, ops_max: int) -> list[dict]:
+        """Leader: a ``key_expire`` for each key whose expiry has passed, once.
+
+        The op carries the leader's time, and apply checks the expiry against
+        it: a replica never reads its own clock for this."""
+        assert ops_max > 0
+
+        ops = []
+        for app, expires_ms in self.key_expiries.items():
+            if len(ops) >= ops_max:
+                break
+            if expires_ms <= now_ms and ("key", app) not in self.planned:
+                self.planned[("key", app)] = now_ms
+                ops.append({"op": "key_expire", "app_id": app, "ts": now_ms})
         return ops
 
     def forget_plans(self) -> None:

@@ -49,6 +49,9 @@ BATCH_DEDUP_WINDOW_MS = 30_000
 # Defaults used when an op does not carry its own (older proposers).
 DELIVERY_LIMIT_DEFAULT = 20
 PUBLISH_DEDUP_WINDOW_MS_DEFAULT = 120_000
+# Events held for one recipient app (pending, in flight, deferred) when a
+# publish op carries no ``recipient_events_max``: no limit.
+RECIPIENT_EVENTS_MAX_DEFAULT = 1 << 62
 
 
 
@@ -67,6 +70,7 @@ class Event:
     due_ms: int = 0
     hist: int = 0  # audit rows written so far
     born_ms: int = 0  # log time of the publish
+    slot: int = 0  # which of its subscription's window slots holds it in flight
 
     def rank(self) -> tuple[int, int]:
         """Queue order: higher priority first, then commit order."""
@@ -82,6 +86,9 @@ class Session:
     subs: dict[str, bool] = field(default_factory=dict)  # pattern -> paused
     # pattern -> ack timeout chosen at SUB; absent: the node's default
     ack_timeouts_ms: dict[str, int] = field(default_factory=dict)
+    # pattern -> records it may hold in flight at once (SUB WINDOW, ours);
+    # absent: one, as the SDK expects
+    windows: dict[str, int] = field(default_factory=dict)
     last_active_ms: int = 0  # log time of its last delivery or answer
 
 
@@ -141,6 +148,11 @@ def _limit(op: dict) -> int:
     return op.get("delivery_limit", DELIVERY_LIMIT_DEFAULT)
 
 
+def key_expired(rec: dict, now_ms: int) -> bool:
+    """Whether an app's key has expired by ``now_ms`` (log time or a clock)."""
+    return bool(rec.get("expired")) or 0 < rec.get("expires_ms", 0) <= now_ms
+
+
 class BrokerState(Planning):
     """The replicated state; ``reader`` reads this node's RocksDB (get, scan).
 
@@ -152,12 +164,20 @@ class BrokerState(Planning):
         self.reader = reader
         self.apps: dict[str, dict] = {}
         self.key_hashes: dict[str, str] = {}
+        # app -> expiry (ms, log time) of keys that carry one and have not
+        # expired yet; the leader proposes ``key_expire`` once it passes.
+        self.key_expiries: dict[str, int] = {}
+        # app -> events addressed to it and still to deliver (pending, in
+        # flight, deferred; not finished, not dead); derived, never stored:
+        # ``load`` recounts.
+        self.held_events: collections.Counter[str] = collections.Counter()
         self.app_names: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
         self.app_sessions: dict[str, list[str]] = {}
         self.events: dict[tuple[int, int], Event] = {}
         self.queues: dict[str, dict[str, Queue]] = {}  # app -> name -> queue
-        self.inflight: dict[tuple[str, str], tuple[int, int]] = {}
+        # (sid, pattern, slot) -> event; slot < the subscription's window
+        self.inflight: dict[tuple[str, str, int], tuple[int, int]] = {}
         self.deferred: list[tuple[int, int, int]] = []  # heap of (due_ms, p, off)
         self.dead: dict[tuple[int, int], Event] = {}
         self.closed_sessions: collections.deque[ClosedSession] = collections.deque(
@@ -175,7 +195,7 @@ class BrokerState(Planning):
         # Leader-local planning memory; never replicated, reset on leader change.
         self.dirty_apps: set[str] = set()
         self.planned: dict[tuple[int, int], int] = {}
-        self.planned_slots: dict[tuple[str, str], int] = {}
+        self.planned_slots: dict[tuple[str, str, int], int] = {}
         # batch id -> (log time, results), oldest first
         self.batches: collections.OrderedDict[str, tuple[int, list]] = (
             collections.OrderedDict())
@@ -225,9 +245,22 @@ class BrokerState(Planning):
             self.sessions[sid].subs[pattern] = sub["paused"]
             if sub.get("ack_timeout_ms"):
                 self.sessions[sid].ack_timeouts_ms[pattern] = sub["ack_timeout_ms"]
+            if sub.get("window"):
+                self.sessions[sid].windows[pattern] = sub["window"]
         if self.reader is not None:
             self._load_queue_counts()
+        self.held_events = self.count_held_events()
         self.dirty_apps = set(self.apps)
+
+    def count_held_events(self) -> collections.Counter[str]:
+        """Unfinished events per recipient, counted from scratch."""
+        held: collections.Counter[str] = collections.Counter()
+        for app, queues in self.queues.items():
+            held[app] += sum(q.pending for q in queues.values())
+        for ev in self.events.values():
+            if ev.state != PENDING:
+                held[ev.app] += 1
+        return +held
 
     def _load_queue_counts(self) -> None:
         """Count each queue's pending events from its index; load none of them."""
@@ -242,6 +275,13 @@ class BrokerState(Planning):
     def _load_app(self, app_id: str, rec: dict) -> None:
         self.apps[app_id] = rec
         self.app_names[rec["name"]] = app_id
+        self._track_expiry(app_id, rec)
+
+    def _track_expiry(self, app_id: str, rec: dict) -> None:
+        if rec.get("expires_ms") and not rec.get("expired"):
+            self.key_expiries[app_id] = rec["expires_ms"]
+        else:
+            self.key_expiries.pop(app_id, None)
 
     def _load_delivery(self, key: bytes, d: dict) -> None:
         if d["state"] in FINISHED:
@@ -253,7 +293,7 @@ class BrokerState(Planning):
             return
         self.events[(p, off)] = ev
         if ev.state == INFLIGHT:
-            self.inflight[(ev.sid, ev.pattern)] = (p, off)
+            self.inflight[(ev.sid, ev.pattern, ev.slot)] = (p, off)
         elif ev.state == DEFERRED:
             heapq.heappush(self.deferred, (ev.due_ms, p, off))
         else:
@@ -263,7 +303,7 @@ class BrokerState(Planning):
         return Event(p, off, d["to"], d["name"], d["state"], d.get("sid"),
                      d.get("pattern"), d["attempts"], d.get("deadline_ms", 0),
                      d.get("priority", 1), d.get("due_ms", 0), d.get("hist", 0),
-                     d.get("born_ms", 0))
+                     d.get("born_ms", 0), d.get("slot", 0))
 
     def _pending_event(self, key: tuple[int, int]) -> Event | None:
         """A pending event, from memory or, outside the window, from RocksDB."""
@@ -323,6 +363,8 @@ class BrokerState(Planning):
 
         rec = {"name": op["name"], "send": op["send"], "receive": op["receive"],
                "key_hash": op["key_hash"], "created_ms": self.clock_ms}
+        if op.get("expires_ms"):
+            rec["expires_ms"] = op["expires_ms"]
         self._load_app(op["app_id"], rec)
         self.key_hashes[op["key_hash"]] = op["app_id"]
         out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
@@ -352,6 +394,12 @@ class BrokerState(Planning):
         out.writes[schema.key_hash_key(rec["key_hash"])] = None
         rec["key_hash"] = op["key_hash"]
         rec["rotated_ms"] = self.clock_ms
+        # The new key carries the expiry the rotation names, or none.
+        rec.pop("expired", None)
+        rec.pop("expires_ms", None)
+        if op.get("expires_ms"):
+            rec["expires_ms"] = op["expires_ms"]
+        self._track_expiry(op["app_id"], rec)
         self.key_hashes[op["key_hash"]] = op["app_id"]
         out.writes[schema.key_hash_key(op["key_hash"])] = op["app_id"].encode()
         out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
@@ -359,12 +407,33 @@ class BrokerState(Planning):
             self._close_session(sid, "key rotated", out, _limit(op))
         return {"ok": True}
 
+    def _op_key_expire(self, op: dict, out: Applied) -> dict:
+        """Leader: a key's expiry passed (in log time); its sessions close.
+
+        Apply reads no clock, so the leader proposes this once its clock passes
+        the expiry; the entry's own time decides, so a replica agrees."""
+        self.planned.pop(("key", op["app_id"]), None)
+        rec = self.apps.get(op["app_id"])
+        if rec is None:
+            return _fail("NOT_FOUND", "no such app")
+        if rec.get("expired"):
+            return {"ok": True}
+        if not rec.get("expires_ms") or rec["expires_ms"] > self.clock_ms:
+            return _fail("STALE", "key has not expired")
+        rec["expired"] = True
+        self._track_expiry(op["app_id"], rec)
+        out.writes[schema.app_key(op["app_id"])] = orjson.dumps(rec)
+        for sid in list(self.app_sessions.get(op["app_id"], [])):
+            self._close_session(sid, "key expired", out, _limit(op))
+        return {"ok": True}
+
     def _op_barrier(self, op: dict, out: Applied) -> dict:
         return {"ok": True}
 
     def _op_session_open(self, op: dict, out: Applied) -> dict:
-        if op["app"] not in self.apps or self.apps[op["app"]].get("disabled"):
-            return _fail("UNAUTHORIZED", "unknown or disabled key")
+        rec = self.apps.get(op["app"])
+        if rec is None or rec.get("disabled") or key_expired(rec, self.clock_ms):
+            return _fail("UNAUTHORIZED", "unknown, disabled or expired key")
         if op["sid"] in self.sessions:
             return {"ok": True}
 
@@ -422,6 +491,9 @@ class BrokerState(Planning):
             if op.get("ack_timeout_ms"):
                 sub["ack_timeout_ms"] = op["ack_timeout_ms"]
                 session.ack_timeouts_ms[op["pattern"]] = op["ack_timeout_ms"]
+            if op.get("window", 1) > 1:
+                sub["window"] = op["window"]
+                session.windows[op["pattern"]] = op["window"]
             out.writes[key] = orjson.dumps(sub)
             self.dirty_apps.add(session.app)
         return {"ok": True}
@@ -436,13 +508,16 @@ class BrokerState(Planning):
         return {"ok": True}
 
     def _drop_sub(self, sid: str, pattern: str, out: Applied, limit: int) -> None:
-        del self.sessions[sid].subs[pattern]
+        session = self.sessions[sid]
+        del session.subs[pattern]
+        window = session.windows.pop(pattern, 1)
         out.writes[schema.sub_key(sid, pattern)] = None
-        held = self.inflight.get((sid, pattern))
-        if held is not None:
-            ev = self.events[held]
-            self._audit(ev, "returned", out, sid=sid, why="unsubscribed or closed")
-            self._return_to_queue(ev, out, limit)
+        for slot in range(window):
+            held = self.inflight.get((sid, pattern, slot))
+            if held is not None:
+                ev = self.events[held]
+                self._audit(ev, "returned", out, sid=sid, why="unsubscribed or closed")
+                self._return_to_queue(ev, out, limit)
 
     def _op_publish(self, op: dict, out: Applied) -> dict:
         if op["to"] not in self.apps:
@@ -452,6 +527,11 @@ class BrokerState(Planning):
         if dedup_key in self.publish_keys:
             ts, idem = self.publish_keys[dedup_key]
             return {"ok": True, "idem": idem, "ts": ts, "duplicate": True}
+        held_max = op.get("recipient_events_max", RECIPIENT_EVENTS_MAX_DEFAULT)
+        if self.held_events[op["to"]] >= held_max:
+            return _fail("QUEUE_FULL", f"the recipient holds {held_max} undelivered "
+                         "events, the most it may")
+        self.held_events[op["to"]] += 1
 
         p = schema.partition_of(op["to"])
         off = self.next_off.get(p, 1)
@@ -492,7 +572,8 @@ class BrokerState(Planning):
     def _op_assign(self, op: dict, out: Applied) -> dict:
         key = (op["p"], op["off"])
         self.planned.pop(key, None)
-        self.planned_slots.pop((op["sid"], op["pattern"]), None)
+        slot = op.get("slot", 0)
+        self.planned_slots.pop((op["sid"], op["pattern"], slot), None)
         if not self._fence(op, out):
             return _fail("STALE_TERM", "decision from an older term")
 
@@ -507,15 +588,17 @@ class BrokerState(Planning):
             return _fail("STALE", "subscription changed")
         if not schema.matches(op["pattern"], ev.name):
             return _fail("STALE", "pattern does not match")
-        if (op["sid"], op["pattern"]) in self.inflight:
+        if slot >= session.windows.get(op["pattern"], 1):
+            return _fail("STALE", "slot is outside the window")
+        if (op["sid"], op["pattern"], slot) in self.inflight:
             return _fail("STALE", "slot is busy")
 
         self._dequeue(ev, out)
         self.events[key] = ev
-        ev.state, ev.sid, ev.pattern = INFLIGHT, op["sid"], op["pattern"]
+        ev.state, ev.sid, ev.pattern, ev.slot = INFLIGHT, op["sid"], op["pattern"], slot
         ev.attempts += 1
         ev.deadline_ms = op["deadline_ms"]
-        self.inflight[(ev.sid, ev.pattern)] = key
+        self.inflight[(ev.sid, ev.pattern, slot)] = key
         session.last_active_ms = self.clock_ms
         self._audit(ev, "delivered", out, sid=ev.sid, node=session.node,
                     attempt=ev.attempts)
@@ -570,6 +653,8 @@ class BrokerState(Planning):
         sub = {"paused": op["paused"]}
         if op["pattern"] in session.ack_timeouts_ms:
             sub["ack_timeout_ms"] = session.ack_timeouts_ms[op["pattern"]]
+        if op["pattern"] in session.windows:
+            sub["window"] = session.windows[op["pattern"]]
         out.writes[schema.sub_key(op["sid"], op["pattern"])] = orjson.dumps(sub)
         self.dirty_apps.add(session.app)
         return {"ok": True}
@@ -588,6 +673,7 @@ class BrokerState(Planning):
             ev.state = DEAD
             self.dead[(ev.p, ev.off)] = ev
             self.dead_lettered_total += 1
+            self._count_gone(ev.app)
             self._audit(ev, "dead-lettered", out, attempts=ev.attempts,
                         limit=_limit(op))
         else:
@@ -603,6 +689,7 @@ class BrokerState(Planning):
             return _fail("NOT_FOUND", "no such dead letter")
         ev.state, ev.attempts = PENDING, 0
         self.events[(ev.p, ev.off)] = ev
+        self.held_events[ev.app] += 1
         self._audit(ev, "requeued from the dead-letter queue", out,
                     by=op.get("by", "admin"))
         self._enqueue(ev, out)
@@ -647,8 +734,8 @@ class BrokerState(Planning):
         return True
 
     def _release_slot(self, ev: Event) -> None:
-        del self.inflight[(ev.sid, ev.pattern)]
-        ev.sid, ev.pattern, ev.deadline_ms = None, None, 0
+        del self.inflight[(ev.sid, ev.pattern, ev.slot)]
+        ev.sid, ev.pattern, ev.deadline_ms, ev.slot = None, None, 0, 0
         self.dirty_apps.add(ev.app)
 
     def _return_to_queue(self, ev: Event, out: Applied,
@@ -663,6 +750,7 @@ class BrokerState(Planning):
             ev.state = DEAD
             self.dead[(ev.p, ev.off)] = ev
             self.dead_lettered_total += 1
+            self._count_gone(ev.app)
             self._audit(ev, "dead-lettered", out, attempts=ev.attempts, limit=limit)
         else:
             ev.state = PENDING
@@ -675,6 +763,7 @@ class BrokerState(Planning):
         self._finished(ev, state, out, **fields)
 
     def _finished(self, ev: Event, state: str, out: Applied, **fields) -> None:
+        self._count_gone(ev.app)
         ev.state = state
         self._audit(ev, state, out, **fields)
         self._write_delivery(ev, out)
@@ -716,6 +805,11 @@ class BrokerState(Planning):
             out.writes[schema.delivery_key(p, off)] = None
         return {"ok": True, "count": len(op["items"])}
 
+    def _count_gone(self, app: str) -> None:
+        self.held_events[app] -= 1
+        if self.held_events[app] <= 0:
+            del self.held_events[app]
+
     def _defer(self, ev: Event, due_ms: int, priority: int, reason: str,
                out: Applied) -> None:
         ev.state, ev.due_ms, ev.priority = DEFERRED, due_ms, priority
@@ -754,6 +848,8 @@ class BrokerState(Planning):
              "born_ms": ev.born_ms}
         if ev.state == INFLIGHT:
             d.update(sid=ev.sid, pattern=ev.pattern, deadline_ms=ev.deadline_ms)
+            if ev.slot:
+                d["slot"] = ev.slot
         elif ev.state == DEFERRED:
             d["due_ms"] = ev.due_ms
         out.writes[schema.delivery_key(ev.p, ev.off)] = orjson.dumps(d)
@@ -775,6 +871,7 @@ _HANDLERS = {
     "key_create": BrokerState._op_key_create,
     "key_disable": BrokerState._op_key_disable,
     "key_rotate": BrokerState._op_key_rotate,
+    "key_expire": BrokerState._op_key_expire,
     "session_open": BrokerState._op_session_open,
     "session_close": BrokerState._op_session_close,
     "node_boot": BrokerState._op_node_boot,

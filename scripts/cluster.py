@@ -11,6 +11,10 @@ dependencies change or an extra is wanted that nothing installed covers.
 `start` on a data dir whose cluster.json shows some nodes running and some not
 starts only the missing ones, with the ports, data dirs and token on record.
 
+The admin token and the Raft cluster secret are made once per data dir (mode
+0600). Nodes get the token through the environment and the secret as a file
+path, so neither shows in `ps`.
+
 `start` launches each node detached (own session, stdin from /dev/null, output
 appended to its node.log) so the nodes outlive the shell that started them.
 cluster.json is written as soon as the processes exist, which lets
@@ -44,7 +48,15 @@ PYTHON_VERSION_MIN = (3, 11)
 HOST = "127.0.0.1"
 NODES_DEFAULT = 3
 BASE_PORT_DEFAULT = 8080
-DATA_DIR_DEFAULT = ".ensync"
+# Relative to the repository, not the current directory: ensyncctl finds it
+# from anywhere inside the checkout. A --data-dir given is taken as typed.
+DATA_DIR_DEFAULT = ROOT / ".ensync"
+# Settings the nodes read from the environment; recorded in cluster.json at
+# creation so that a node restarted later runs as its peers do. Secrets stay
+# out: the token is recorded on its own and the Raft secret lives in its file.
+SETTINGS_PREFIX = "ENSYNC_"
+SETTINGS_NOT_RECORDED = ("ENSYNC_ADMIN_TOKEN", "ENSYNC_CLUSTER_SECRET")
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 RAFT_PORT_OFFSET = 100
 PORT_MAX = 65535
 NODES_MAX = 9
@@ -58,6 +70,9 @@ KILL_WAIT_MS = 5_000
 LOG_TAIL_LINES = 15
 LOG_TAIL_BYTES_MAX = 16_384
 TOKEN_BYTES = 32
+# The Raft peers' shared secret (raft/peer_auth.py), one per cluster data dir.
+CLUSTER_SECRET_FILE = "cluster_secret"
+CLUSTER_SECRET_BYTES = 32
 
 DEMO_KEYS = (
     ("demo-publisher", ["*"], ["*"]),
@@ -81,8 +96,23 @@ class OneLineParser(argparse.ArgumentParser):
         fail(self.prog, message)
 
 
+_stdout_gone = False
+
+
 def say(text: str = "", end: str = "\n") -> None:
-    print(text, end=end, flush=True)
+    """Print for the user; when they stopped reading (`| head`), carry on quietly.
+
+    The work goes on: a start half done because its output was cut off would
+    leave nodes without demo keys or a summary on record.
+    """
+    global _stdout_gone
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        _stdout_gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def monotonic_ms() -> int:
@@ -252,13 +282,18 @@ def plan_nodes(count: int, base_port: int, data_dir: Path) -> list[NodePlan]:
     ]
 
 
-def node_command(node: NodePlan, nodes: list[NodePlan]) -> list[str]:
+def node_command(
+    node: NodePlan, nodes: list[NodePlan], secret_file: Path | None = None
+) -> list[str]:
     peers = ",".join(
         f"{peer.node_id}={peer.raft_address}" for peer in nodes if peer is not node
     )
     command = [str(VENV_PYTHON), "-m", "node.main", "--id", node.node_id]
     command += ["--host", HOST, "--port", str(node.http_port)]
     command += ["--raft", node.raft_address, "--data-dir", str(node.data_dir)]
+    if secret_file is not None:
+        # The path, not the secret, so `ps` does not show it.
+        command += ["--cluster-secret-file", str(secret_file)]
     if not peers:
         return command
     # The dashboard's cluster view asks the peers' /admin/status over HTTP.
@@ -268,14 +303,25 @@ def node_command(node: NodePlan, nodes: list[NodePlan]) -> list[str]:
     return command + ["--peers", peers, "--peer-http", peer_http]
 
 
-def spawn(node: NodePlan, nodes: list[NodePlan], token: str) -> int:
+def spawn(
+    node: NodePlan,
+    nodes: list[NodePlan],
+    token: str,
+    secret_file: Path | None,
+    settings: dict[str, str] | None = None,
+) -> int:
+    """Start one node; ``settings`` replaces the ENSYNC_* of this environment."""
     node.data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if settings is not None:
+        env = {k: v for k, v in env.items() if k not in current_settings()}
+        env.update(settings)
     # The token travels in the environment so `ps` does not show it.
-    env = dict(os.environ, ENSYNC_ADMIN_TOKEN=token, PYTHONUNBUFFERED="1")
+    env.update(ENSYNC_ADMIN_TOKEN=token, PYTHONUNBUFFERED="1")
 
     with open(node.log_file, "ab") as log:
         process = subprocess.Popen(
-            node_command(node, nodes),
+            node_command(node, nodes, secret_file),
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -354,7 +400,57 @@ def load_or_create_token(data_dir: Path) -> str:
     return token
 
 
-def cluster_record(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
+def create_cluster_secret(data_dir: Path) -> Path:
+    """The cluster's secret file, made (mode 0600) on the cluster's first start."""
+    path = data_dir / CLUSTER_SECRET_FILE
+    if not path.exists() or not path.read_text().strip():
+        write_private(path, secrets.token_urlsafe(CLUSTER_SECRET_BYTES) + "\n")
+    return path
+
+
+def existing_cluster_secret(data_dir: Path) -> Path | None:
+    """The secret file the running nodes were given; None if they got none
+    (a cluster started before secrets existed keeps running without)."""
+    path = data_dir / CLUSTER_SECRET_FILE
+    return path if path.exists() else None
+
+
+def current_settings() -> dict[str, str]:
+    """The ENSYNC_* variables of this environment that cluster.json records."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith(SETTINGS_PREFIX) and name not in SETTINGS_NOT_RECORDED
+    }
+
+
+def recorded_settings(cluster: dict[str, Any]) -> dict[str, str] | None:
+    """The settings the cluster was created with; None in an older cluster.json."""
+    settings = cluster.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    return {str(name): str(value) for name, value in settings.items()}
+
+
+def settings_drift(recorded: dict[str, str]) -> str | None:
+    """One line naming the ENSYNC_* variables that differ from the recorded ones."""
+    now = current_settings()
+    names = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
+    if not names:
+        return None
+    verb = "differs" if len(names) == 1 else "differ"
+    return (
+        f"warning: {', '.join(names)} {verb} from the cluster's first start; "
+        "restarted nodes get the settings recorded in cluster.json"
+    )
+
+
+def cluster_record(
+    nodes: list[NodePlan],
+    pids: list[int],
+    token: str,
+    settings: dict[str, str] | None = None,
+) -> dict:
     entries = [
         {
             "id": node.node_id,
@@ -367,7 +463,10 @@ def cluster_record(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
         }
         for node, pid in zip(nodes, pids)
     ]
-    return {"nodes": entries, "admin_token": token}
+    record: dict[str, Any] = {"nodes": entries, "admin_token": token}
+    if settings is not None:
+        record["settings"] = settings
+    return record
 
 
 # ---------------------------------------------------------------------------
@@ -377,8 +476,10 @@ def cluster_record(nodes: list[NodePlan], pids: list[int], token: str) -> dict:
 def check_ports(nodes: list[NodePlan], hint: str) -> None:
     ports = [port for node in nodes for port in (node.http_port, node.raft_port)]
     busy = [str(port) for port in ports if not port_is_free(port)]
+    if len(busy) == 1:
+        raise ScriptError(f"port {busy[0]} on {HOST} is busy; {hint}")
     if busy:
-        raise ScriptError(f"port {', '.join(busy)} on {HOST} is busy; {hint}")
+        raise ScriptError(f"ports {', '.join(busy)} on {HOST} are busy; {hint}")
 
 
 def start(args: argparse.Namespace) -> None:
@@ -388,7 +489,8 @@ def start(args: argparse.Namespace) -> None:
     if cluster is not None:
         nodes, pids = recorded_nodes(cluster, cluster_file)
         if any(is_running(node, pid) for node, pid in zip(nodes, pids)):
-            start_missing(args, data_dir, nodes, pids, recorded_token(cluster))
+            start_missing(args, data_dir, nodes, pids, recorded_token(cluster),
+                          recorded_settings(cluster))
             return
 
     nodes = plan_nodes(
@@ -396,11 +498,17 @@ def start(args: argparse.Namespace) -> None:
         BASE_PORT_DEFAULT if args.base_port is None else args.base_port,
         data_dir,
     )
+    if len(nodes) % 2 == 0:
+        say(f"warning: {len(nodes)} nodes survive no more failures than "
+            f"{len(nodes) - 1} (a majority of {len(nodes) // 2 + 1} is needed); "
+            "prefer an odd --nodes")
     check_ports(nodes, "pick another --base-port")
     data_dir.mkdir(parents=True, exist_ok=True)
     token = load_or_create_token(data_dir)
-    pids = [spawn(node, nodes, token) for node in nodes]
-    launched(data_dir, nodes, pids, token, list(range(len(nodes))))
+    secret_file = create_cluster_secret(data_dir)
+    settings = current_settings()
+    pids = [spawn(node, nodes, token, secret_file) for node in nodes]
+    launched(data_dir, nodes, pids, token, list(range(len(nodes))), settings)
 
 
 def start_missing(
@@ -409,8 +517,10 @@ def start_missing(
     nodes: list[NodePlan],
     pids: list[int],
     token: str,
+    settings: dict[str, str] | None,
 ) -> None:
-    """Some nodes of the recorded cluster run: start the others as they were."""
+    """Some nodes of the recorded cluster run: start the others as they were,
+    with the ENSYNC_* settings the cluster was created with when on record."""
     check_same_layout(args, nodes, data_dir)
     dead = [i for i, node in enumerate(nodes) if not is_running(node, pids[i])]
     if not dead:
@@ -421,11 +531,15 @@ def start_missing(
 
     missing = [nodes[i] for i in dead]
     check_ports(missing, "cannot start the missing nodes on their recorded ports")
+    drift = None if settings is None else settings_drift(settings)
+    if drift:
+        say(drift)
     pids = list(pids)
     for i in dead:
-        pids[i] = spawn(nodes[i], nodes, token)
+        pids[i] = spawn(nodes[i], nodes, token, existing_cluster_secret(data_dir),
+                        settings)
         say(f"{nodes[i].node_id} was not running; started it (pid {pids[i]})")
-    launched(data_dir, nodes, pids, token, dead)
+    launched(data_dir, nodes, pids, token, dead, settings)
 
 
 def launched(
@@ -434,13 +548,14 @@ def launched(
     pids: list[int],
     token: str,
     spawned: list[int],
+    settings: dict[str, str] | None = None,
 ) -> None:
     """Record the pids, wait for a leader, make the demo keys, print a summary.
 
     `spawned` holds the indexes of the nodes this run started; only those are
     stopped again if the cluster does not come up.
     """
-    record = cluster_record(nodes, pids, token)
+    record = cluster_record(nodes, pids, token, settings)
     write_private(data_dir / "cluster.json", json.dumps(record, indent=2))
     try:
         leader = wait_for_leader(nodes, pids, token, spawned)
@@ -635,12 +750,14 @@ def print_summary(
 def summary_lines(nodes: list[NodePlan], data_dir: Path, keys: Path) -> list:
     ctl = shown(VENV / "bin" / "ensyncctl")
     cluster_file = data_dir / "cluster.json"
-    if cluster_file != (Path(DATA_DIR_DEFAULT) / "cluster.json").resolve():
+    # ensyncctl looks for .ensync/cluster.json here and in every parent.
+    if not Path.cwd().is_relative_to(data_dir.parent) or data_dir.name != ".ensync":
         ctl += f" --cluster {shown(cluster_file)}"
     first = nodes[0]
     return [
         ("demo keys", f"{shown(keys)} (demo-publisher, demo-consumer)"),
         ("admin token", shown(data_dir / "admin_token")),
+        ("raft secret", shown(data_dir / CLUSTER_SECRET_FILE)),
         ("connect", f'{first.ws_url}  (SDK: EnSyncEngine("{first.admin_url}"))'),
         ("status", f"{ctl} status"),
         ("stop", stop_command(data_dir)),
@@ -648,8 +765,10 @@ def summary_lines(nodes: list[NodePlan], data_dir: Path, keys: Path) -> list:
 
 
 def stop_command(data_dir: Path) -> str:
-    command = "./scripts/stop-cluster"
-    if data_dir != Path(DATA_DIR_DEFAULT).resolve():
+    command = shown(ROOT / "scripts" / "stop-cluster")
+    if not command.startswith("/"):
+        command = "./" + command
+    if data_dir != DATA_DIR_DEFAULT:
         command += f" --data-dir {shown(data_dir)}"
     return command
 
@@ -783,7 +902,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default=DATA_DIR_DEFAULT,
         metavar="DIR",
         help="where cluster.json, the admin token, the demo keys and each "
-        f"node's data and log live (default: {DATA_DIR_DEFAULT})",
+        "node's data and log live (default: .ensync in the repository root)",
     )
 
     stop_cmd = add(
@@ -797,7 +916,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "--data-dir",
         default=DATA_DIR_DEFAULT,
         metavar="DIR",
-        help=f"the data dir start-cluster used (default: {DATA_DIR_DEFAULT})",
+        help="the data dir start-cluster used (default: .ensync in the "
+        "repository root)",
     )
     return parser
 
@@ -818,6 +938,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(PROGS[args.command], str(exc))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    # The work is done, its output cut short. ensure-venv exits 0 all the same:
+    # start-cluster runs `start` after it either way.
+    if _stdout_gone and args.command != "ensure-venv":
+        raise SystemExit(EXIT_BROKEN_PIPE)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ the reason is.
 
 Nodes are stopped by pid, SIGTERM then SIGKILL, from the fixture finalizer,
 from atexit, and (on Linux) by the kernel if the test process dies first.
+
+Like ./scripts/start-cluster, a cluster gets a fresh Raft secret in a 0600 file
+(``cluster_secret=False`` runs without one) and the admin token through the
+environment, so neither shows in ``ps``. ``tls`` (tests/tls.py) makes every
+node serve wss:// and https:// with a test certificate.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
 from node.ctl import CtlError, request_json
+from tests.tls import TlsFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -76,14 +82,15 @@ class Node:
     process: subprocess.Popen | None = None
     log_handle: IO[bytes] | None = None
     log_offset: int = 0
+    tls: bool = False
 
     @property
     def admin_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.http_port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{HOST}:{self.http_port}/message"
+        return f"{'wss' if self.tls else 'ws'}://{HOST}:{self.http_port}/message"
 
     @property
     def raft_address(self) -> str:
@@ -157,6 +164,8 @@ class Cluster:
         node_flags: dict[str, list[str]] | None = None,
         extra_flags: Iterable[str] = (),
         wrappers: dict[str, list[str]] | None = None,
+        cluster_secret: bool = True,
+        tls: TlsFiles | None = None,
     ) -> None:
         assert size >= 1
         assert 0 < raft_min_timeout_ms < raft_max_timeout_ms
@@ -171,6 +180,17 @@ class Cluster:
         # Per node, a command line that runs the node (e.g. strace ... --).
         self.wrappers = dict(wrappers or {})
         self.nodes: dict[str, Node] = {}
+        self.tls = tls
+        self.tls_context = None if tls is None else tls.client_context()
+        self.cluster_secret: str | None = None
+        self.cluster_secret_file = self.base_dir / "cluster_secret"
+        if cluster_secret:
+            self.cluster_secret = secrets.token_urlsafe(32)
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            fd = os.open(self.cluster_secret_file, flags, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.cluster_secret + "\n")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -206,6 +226,7 @@ class Cluster:
                 data_dir=data_dir,
                 log_file=data_dir / "node.log",
                 flags=self.node_flags.get(node_id, []),
+                tls=self.tls is not None,
             )
 
     def _command(self, node: Node) -> list[str]:
@@ -217,12 +238,16 @@ class Cluster:
         command = [sys.executable, "-m", "node.main", "--id", node.node_id]
         command += ["--host", HOST, "--port", str(node.http_port)]
         command += ["--raft", node.raft_address, "--data-dir", str(node.data_dir)]
-        command += [f"--admin-token={self.admin_token}"]  # tokens may start with -
         command += ["--raft-min-timeout-ms", str(self.raft_min_timeout_ms)]
         command += ["--raft-max-timeout-ms", str(self.raft_max_timeout_ms)]
         if peers:
             command += ["--peers", peers]
             command += ["--peer-http", self._peer_http(node)]
+        if self.cluster_secret is not None:
+            command += ["--cluster-secret-file", str(self.cluster_secret_file)]
+        if self.tls is not None:
+            command += ["--tls-cert", str(self.tls.cert)]
+            command += ["--tls-key", str(self.tls.key), "--tls-ca", str(self.tls.ca)]
         wrapper = self.wrappers.get(node.node_id, [])
         return wrapper + command + self.extra_flags + node.flags
 
@@ -237,6 +262,7 @@ class Cluster:
         # A developer's ENSYNC_* settings must not leak into test nodes.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENSYNC_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env["ENSYNC_ADMIN_TOKEN"] = self.admin_token  # not on the command line
 
         # The handle outlives this call: restarts append to the same log.
         if node.log_handle is None:
@@ -353,7 +379,8 @@ class Cluster:
         timeout_ms: int = HTTP_TIMEOUT_MS,
     ) -> dict[str, Any]:
         url = self.admin_url(node_id) + path
-        return request_json(url, self.admin_token, timeout_ms, method, body)
+        return request_json(
+            url, self.admin_token, timeout_ms, method, body, self.tls_context)
 
     def status(self, node_id: str) -> dict[str, Any]:
         return self.request(node_id, "/admin/status")
@@ -364,7 +391,8 @@ class Cluster:
     def metrics(self, node_id: str) -> dict[str, float]:
         """The unlabelled samples of a node's ``/metrics``, name -> value."""
         url = self.admin_url(node_id) + "/metrics"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_MS / 1000) as resp:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_MS / 1000,
+                                    context=self.tls_context) as resp:
             text = resp.read().decode()
         pairs = (line.split() for line in text.splitlines() if line[:1] not in ("", "#"))
         return {p[0]: float(p[1]) for p in pairs if len(p) == 2 and "{" not in p[0]}

@@ -14,8 +14,10 @@ from ensync_sdk_ws import EnSyncEngine
 
 
 def http_base(ws_url: str) -> str:
-    """The SDK wants the base URL and appends /message itself."""
-    return ws_url.replace("ws://", "http://").removesuffix("/message")
+    """The SDK wants the base URL (it turns http into ws, https into wss) and
+    appends /message itself."""
+    scheme, rest = ws_url.split("://", 1)
+    return {"ws": "http", "wss": "https"}[scheme] + "://" + rest.removesuffix("/message")
 
 
 async def connect(ws_url: str, key: dict):

@@ -240,14 +240,15 @@ def test_completion_script_is_valid_bash():
     check = subprocess.run(["bash", "-n"], input=result.stdout, text=True,
                            capture_output=True, timeout=CTL_TIMEOUT_S, check=False)
     assert check.returncode == 0, check.stderr
-    assert result.stdout.rstrip().endswith("complete -F _ensyncctl ensyncctl")
+    assert result.stdout.rstrip().endswith(
+        "complete -F _ensyncctl ensyncctl .venv/bin/ensyncctl ./.venv/bin/ensyncctl")
 
 
 def test_completion_offers_commands_subcommands_and_flags():
     assert complete([""]) == sorted(
-        ["--cluster", "--help", "--timeout-ms", "--token", "--url", "apps",
-         "completion", "dlq", "keys", "leader", "nodes", "publish", "queues",
-         "sessions", "status", "subscribe", "trace"])
+        ["--cacert", "--cluster", "--help", "--timeout-ms", "--token", "--url",
+         "apps", "completion", "dlq", "keys", "leader", "nodes", "publish",
+         "queues", "sessions", "status", "subscribe", "trace"])
     assert complete(["dlq", ""])[-3:] == ["list", "requeue", "show"]
     assert complete(["keys", ""])[-5:] == [
         "create", "disable", "enable", "list", "rotate"]
@@ -269,6 +270,14 @@ def test_missing_cluster_file_is_one_line_error(tmp_path):
 
     line = assert_one_line_error(result)
     assert "nope.json" in line
+
+
+def test_an_unreadable_cacert_is_one_line_error(tmp_path):
+    result = run_ctl("--url", "https://127.0.0.1:1", "--token", "t",
+                     "--cacert", str(tmp_path / "missing.pem"), "status")
+
+    line = assert_one_line_error(result)
+    assert "missing.pem" in line
 
 
 def test_no_reachable_node_is_one_line_error():

@@ -700,7 +700,7 @@ def scripted_run() -> Recorded:
     )
     run.apply(*[publish(ts=100 + i) for i in range(6)], publish(to=B, ts=50))
     run.apply(*run.state.plan(1000, 1, ACK_TIMEOUT_MS, 64))
-    run.apply(ack("s1", run.state.inflight[("s1", ORDERS)][1]))
+    run.apply(ack("s1", run.state.inflight[("s1", ORDERS, 0)][1]))
     run.apply(*run.state.plan(1100, 1, ACK_TIMEOUT_MS, 64))
     run.apply(*run.state.plan(5000, 2, ACK_TIMEOUT_MS, 64))  # requeues
     run.apply({"op": "node_boot", "node": "n2", "boot": "b2"})
@@ -772,7 +772,7 @@ def test_load_of_the_writes_rebuilds_a_state_that_plans_the_same_next_assignment
         (op["off"], op["attempt"]) for op in plan(run.state, 60_000, term=2)
     )
     # Free exactly one slot on both, so the next assignment has one answer.
-    off = run.state.inflight[("s1", ORDERS)][1]
+    off = run.state.inflight[("s1", ORDERS, 0)][1]
     for state in (run.state, loaded):
         ok(state, ack("s1", off))
     next_loaded = assigned(plan(loaded, 7000, term=2))
@@ -882,3 +882,85 @@ def test_an_event_deferred_on_its_last_allowed_delivery_goes_to_the_dlq_when_due
     state.apply([{**op, "delivery_limit": 1} for op in releases])
 
     assert key in state.dead and key not in state.events
+
+
+# -- SUB WINDOW (ours): several records in flight per subscription --------------
+
+
+def windowed(window: int, events: int) -> Recorded:
+    run = Recorded()
+    run.apply(key_create(A, "alpha"), key_create(B, "beta"))
+    run.apply(session_open("s1"), {**sub("s1"), "window": window})
+    run.apply(*[publish(ts=100 + i) for i in range(events)])
+    return run
+
+
+def test_a_windowed_subscription_gets_up_to_its_window_in_flight_in_order():
+    run = windowed(window=3, events=5)
+
+    run.apply(*plan(run.state))
+
+    held = sorted(run.state.inflight.items())
+    assert [(key, off) for key, (_, off) in held] == [
+        (("s1", ORDERS, 0), 1), (("s1", ORDERS, 1), 2), (("s1", ORDERS, 2), 3)]
+    assert assigned(plan(run.state)) == []
+
+
+def test_acking_one_record_of_a_window_frees_one_slot_for_the_next_event():
+    run = windowed(window=3, events=5)
+    run.apply(*plan(run.state))
+
+    run.apply(ack("s1", 2))
+
+    assert assigned(plan(run.state)) == [("s1", ORDERS, 4)]
+
+
+def test_an_assign_beyond_the_window_is_stale():
+    run = windowed(window=2, events=3)
+
+    result, _ = one(run.state, {**assign("s1", 1, term=1), "slot": 2})
+
+    assert result["error"] == "STALE"
+
+
+def test_closing_a_windowed_session_returns_every_record_it_held():
+    run = windowed(window=4, events=4)
+    run.apply(*plan(run.state))
+
+    run.apply({"op": "session_close", "sid": "s1"})
+
+    assert run.state.inflight == {}
+    assert run.state.statistics().pending_events == 4
+
+
+def test_load_restores_the_window_and_the_slot_of_every_record_in_flight():
+    run = windowed(window=3, events=5)
+    run.apply(*plan(run.state))
+    run.apply(ack("s1", 2))
+    loaded = BrokerState()
+
+    loaded.load(run.db.state_rows())
+
+    assert loaded.inflight == run.state.inflight
+    assert loaded.sessions["s1"].windows == {ORDERS: 3}
+    assert assigned(plan(loaded)) == assigned(plan(run.state)) == [("s1", ORDERS, 4)]
+
+
+def test_a_windowed_wildcard_takes_the_smallest_ranks_across_its_queues():
+    run = Recorded()
+    run.apply(key_create(A, "alpha"), key_create(B, "beta"))
+    run.apply(session_open("s1"), {**sub("s1", "orders/*"), "window": 3})
+    names = ["orders/a", "orders/b", "orders/b", "orders/a", "orders/b"]
+    run.apply(*[publish(name, ts=100 + i) for i, name in enumerate(names)])
+
+    assert sorted(off for _, _, off in assigned(plan(run.state))) == [1, 2, 3]
+
+
+def test_a_window_wider_than_ops_max_fills_over_several_rounds():
+    run = windowed(window=5, events=5)
+
+    first = plan(run.state, ops_max=2)
+    second = plan(run.state, ops_max=64)
+
+    assert [off for _, _, off in assigned(first)] == [1, 2]
+    assert [off for _, _, off in assigned(second)] == [3, 4, 5]
