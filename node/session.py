@@ -138,7 +138,7 @@ class Connection:
             async for msg in self.ws:
                 if msg.type == WSMsgType.ERROR:
                     break
-                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if msg.type not in _COUNTED_FRAMES:
                     continue
                 if not await self._admit(msg):
                     break
@@ -163,7 +163,8 @@ class Connection:
             return False
         if verdict is Verdict.REJECT:
             self._count_rate_limited()
-            if msg.type != WSMsgType.TEXT or msg.data != "PONG":
+            if msg.type is WSMsgType.BINARY or (msg.type is WSMsgType.TEXT
+                                                and msg.data != "PONG"):
                 await self._enqueue(_failed(RequestRejected(
                     f"more than {self.rate.rate_per_s} frames per second",
                     "RATE_LIMITED")))
@@ -173,6 +174,14 @@ class Connection:
             await asyncio.sleep(self.rate.wait_ms(_monotonic_ms()) / 1000)
             return True
 
+        if msg.type is WSMsgType.PING:
+            try:
+                await self.ws.pong(msg.data)
+            except ConnectionError:  # the client left mid-flood
+                return False
+            return True
+        if msg.type is WSMsgType.PONG:
+            return True
         await self._wait_for_reply_memory()
         if msg.type == WSMsgType.TEXT:
             await self._on_text(msg.data)
@@ -274,7 +283,9 @@ class Connection:
             return
         reserved = (REPLY_BYTES_RESERVED_LARGE if request.verb in LARGE_REPLY_VERBS
                     else REPLY_BYTES_RESERVED)
-        await self._enqueue(self._handle(request), reserved)
+        # The request's own text counts too, until it is answered: pipelined
+        # 1 MiB publishes are bounded by reply_bytes_max like replies are.
+        await self._enqueue(self._handle(request), max(reserved, len(text)))
 
     def _count_bad_frame(self, exc: ProtocolError) -> None:
         # INFO for the first one only: a client looping on a bad frame must not
@@ -433,8 +444,14 @@ class Connection:
         if "*" in name:
             raise ProtocolError("EVENT_NAME of a PUB must not hold a wildcard")
         to = req.get("DELIVERY_TO")
-        if await self.node.read_fresh(self.node.app_record, to) is None:
+        recipient = await self.node.read_fresh(self.node.app_record, to)
+        if recipient is None:
             raise RequestRejected("DELIVERY_TO names no known app", "INVALID_RECIPIENT")
+        # An event its recipient may never receive would sit in its queue, and
+        # count against its recipient_events_max, until it expired.
+        if not any(schema.matches(p, name) for p in recipient["receive"]):
+            raise RequestRejected(f"the recipient may not receive {name}",
+                                  "PERMISSION_DENIED")
 
         payload = req.get("PAYLOAD")
         if not _BASE64.match(payload):
@@ -554,10 +571,14 @@ class Connection:
         if found is None or not self._may_replay(*found, name):
             raise RequestRejected("no such event", "NOT_FOUND")
         record, delivery = found
-        internal = record["metadata"].setdefault("$internal", {})
+        # A copy: the stored record is shared, and its $internal is whatever the
+        # publisher put there (any JSON), so it is replaced, not written into.
+        internal = record["metadata"].get("$internal")
+        internal = dict(internal) if isinstance(internal, dict) else {}
         internal["replay_info"] = {
             "isReplayed": True, "replayTimestamp": now_ms(),
             "wasAcknowledged": delivery["state"] == "acked"}
+        record = {**record, "metadata": {**record["metadata"], "$internal": internal}}
         return protocol.record_frame(record, prefix="+REPLAY:")
 
     def _may_replay(self, record: dict, delivery: dict, name: str | None) -> bool:
@@ -678,6 +699,13 @@ def _event_name(req: protocol.Request) -> str:
         raise ProtocolError(f"EVENT_NAME must be 1-{EVENT_NAME_BYTES_MAX} printable "
                             "ASCII characters without spaces or semicolons")
     return name
+
+
+# Frames the rate limit counts: control frames too (a ping costs a pong). The
+# fragments of one message count once, as the message aiohttp assembles.
+# TODO(#6): a flood of tiny fragments costs the node parsing before its
+# message is counted; count fragments once aiohttp exposes them.
+_COUNTED_FRAMES = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG)
 
 
 def _consume_outcome(task: asyncio.Future) -> None:

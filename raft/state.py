@@ -529,8 +529,9 @@ class BrokerState(Planning):
             return {"ok": True, "idem": idem, "ts": ts, "duplicate": True}
         held_max = op.get("recipient_events_max", RECIPIENT_EVENTS_MAX_DEFAULT)
         if self.held_events[op["to"]] >= held_max:
-            return _fail("QUEUE_FULL", f"the recipient holds {held_max} undelivered "
-                         "events, the most it may")
+            # Says no more than "full": the recipient's backlog is not the sender's
+            # business.
+            return _fail("QUEUE_FULL", "the recipient's queue is full")
         self.held_events[op["to"]] += 1
 
         p = schema.partition_of(op["to"])

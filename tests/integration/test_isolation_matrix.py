@@ -12,8 +12,9 @@ four targets, with the exact reply expected.
 - other: an event addressed to B and in flight on B's connection (for name
   commands, a name only B subscribed);
 - unknown: an idem never issued (a name nobody used, an app that does not exist);
-- forbidden: an event addressed to A under a name A may not receive
-  (``secret/x``), or that name itself.
+- forbidden: an event under a name A may not receive (``secret/x``), addressed
+  to C, which may (a publish of that name to A itself is refused: it could never
+  be delivered), or that name itself.
 
 "Other" and "unknown" must get the same reply, so that A cannot tell whether
 someone else's event exists; after each "other" case, B can still answer its
@@ -153,6 +154,8 @@ class World:
         self.a_key = c.create_key(f"a-{self.tag}", ["order/*"], ["order/*"])
         self.b_key = c.create_key(f"b-{self.tag}", ["order/*"], ["order/*"])
         self.p_key = c.create_key(f"p-{self.tag}", ["*"], [])
+        # C only receives the name A may not; nobody connects as C.
+        self.c_key = c.create_key(f"c-{self.tag}", [], ["secret/*"])
         self.a = await self.connect(self.a_key, "n1")
         self.b = await self.connect(self.b_key, "n2")
         self.p = await self.connect(self.p_key, "n3")
@@ -204,7 +207,7 @@ async def target_of(world: World, command: str, target: str) -> dict:
             return {"idem": record["idem"], "block": str(record["block"])}
         if target == "unknown":
             return {"idem": UNKNOWN_IDEM, "block": "1"}
-        idem = await world.publish(FORBIDDEN_NAME, world.a_key)
+        idem = await world.publish(FORBIDDEN_NAME, world.c_key)
         return {"idem": idem, "block": "1"}
 
     if command == "PUB":
@@ -298,17 +301,24 @@ async def test_an_event_held_by_another_connection_of_the_same_app_is_unauthoriz
     assert reply == "-FAIL:UNAUTHORIZED;MESSAGE=event is held by another client"
 
 
-async def test_the_recipient_can_replay_only_what_it_may_receive_and_the_sender_all(
-    world,
-):
-    idem = await world.publish(FORBIDDEN_NAME, world.a_key)
+async def test_a_publish_its_recipient_may_never_receive_is_refused(world):
+    """Else it would sit in A's queue, counted against A's limit, until it expired."""
+    frame = FRAMES["PUB"].format(cid=world.p.client_id, name=FORBIDDEN_NAME,
+                                 to=world.a_key["app_id"])
+    reply = await world.p.exchange(frame)
+    assert reply == ("-FAIL:PERMISSION_DENIED;MESSAGE=the recipient may not "
+                     f"receive {FORBIDDEN_NAME}")
+
+
+async def test_the_recipient_and_the_sender_replay_only_under_the_event_s_name(world):
+    idem = await world.publish(OWN_NAME, world.a_key)
     replay = FRAMES["REPLAY"]
     as_recipient = await world.a.exchange(replay.format(cid=world.a.client_id,
                                                         idem=idem))
     as_sender = await world.p.exchange(replay.format(cid=world.p.client_id, idem=idem))
     wrong_name = await world.p.exchange(
-        replay.format(cid=world.p.client_id, idem=idem) + ";EVENT_NAME=:order/created")
-    assert as_recipient == NO_EVENT
+        replay.format(cid=world.p.client_id, idem=idem) + ";EVENT_NAME=:order/other")
+    assert as_recipient.startswith("+REPLAY:")
     assert as_sender.startswith("+REPLAY:")
     assert json.loads(as_sender[8:])["idem"] == idem
     assert wrong_name == NO_EVENT
@@ -322,10 +332,9 @@ async def test_delivery_needs_permission_subscription_name_and_recipient_to_agre
     await a.subscribe("order/paused")
     await a.request(FRAMES["PAUSE"].format(cid=a_cid, name="order/paused"))
     negatives = {
-        "no receive permission": await world.publish(FORBIDDEN_NAME, world.a_key),
         "no subscription": await world.publish("order/updated", world.a_key),
         "subscription paused": await world.publish("order/paused", world.a_key),
-        "name does not match": await world.publish("orders/created", world.a_key),
+        "name does not match": await world.publish("order/created2", world.a_key),
         "another recipient": await world.publish(OWN_NAME, world.b_key),
     }
     control = await world.publish(OWN_NAME, world.a_key)

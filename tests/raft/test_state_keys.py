@@ -130,7 +130,7 @@ def test_a_publish_beyond_the_recipients_limit_is_queue_full_and_stores_nothing(
 
     assert all(r.get("ok") for r in accepted.results)
     assert refused.results[0]["error"] == "QUEUE_FULL"
-    assert "2 undelivered" in refused.results[0]["message"]
+    assert refused.results[0]["message"] == "the recipient's queue is full"
     assert not any(k.startswith(b"e/") for k in refused.writes)
     assert other.results[0].get("ok")
     assert state.held_events == {"A": 2, "B": 1}
