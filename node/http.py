@@ -87,8 +87,11 @@ def _admin_allowed(request: web.Request) -> bool:
 
 async def _websocket(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
+    # autoping off: the session answers pings itself, through the frame-rate
+    # limit, so a ping flood is refused and closed like any other.
     ws = web.WebSocketResponse(heartbeat=node.cfg.ws_heartbeat_ms / 1000,
-                               max_msg_size=WS_MESSAGE_BYTES_MAX, compress=False)
+                               max_msg_size=WS_MESSAGE_BYTES_MAX, compress=False,
+                               autoping=False)
     await ws.prepare(request)
     conn = Connection(node, ws, request.remote or "?", request.transport)
     await conn.run()

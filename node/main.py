@@ -88,7 +88,8 @@ SETTINGS = [
     ("connections_per_key_max", int, 256,
      "connections per access key on this node; CONN beyond gets -FAIL:RATE_LIMITED"),
     ("reply_bytes_max", int, 64 << 20,
-     "replies and pushes not yet written, per node; then the heaviest clients pause"),
+     "requests being handled, replies and pushes not yet written, per node; "
+     "then the heaviest clients pause"),
     ("client_write_buffer_bytes_max", int, 4 << 20,
      "unwritten bytes to one client; a push beyond closes it with 4009"),
     ("client_pending_requests_max", int, 1024,

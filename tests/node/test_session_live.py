@@ -515,3 +515,23 @@ async def test_an_event_name_over_the_limit_is_an_invalid_parameter(node, connec
     reply = await raw.request(pub(client_id, "n/" + "x" * 300, node.alpha.app_id, b64("{}")))
 
     assert reply.startswith("-FAIL:INVALID_PARAMETER;MESSAGE=EVENT_NAME must be")
+
+
+async def test_a_replay_works_whatever_the_publisher_put_in_internal_metadata(
+    node, connect
+):
+    """$internal is the publisher's JSON: a number there made every REPLAY of the
+    event an INTERNAL_ERROR with a traceback in the log (breaker run, finding 6)."""
+    raw = await connect()
+    client_id = await raw.conn(node.alpha)
+    for internal in (5, [1], "s", {"replay_info": "forged", "keep": 1}):
+        published = await raw.request(pub(client_id, "live/internal", node.alpha.app_id,
+                                          b64("{}"), json.dumps({"$internal": internal})))
+        idem = re.fullmatch(r"\+PASS:PUBLISHED;IDEM=(\S+);TIMESTAMP=\d+", published)[1]
+        for _ in range(2):  # the second sees the stored record unchanged by the first
+            replayed = await raw.request(
+                f"REPLAY;CLIENT_ID=:{client_id};EVENT_IDEM=:{idem}")
+            assert replayed.startswith("+REPLAY:{"), replayed
+            got = json.loads(replayed[len("+REPLAY:"):])["metadata"]["$internal"]
+            assert got["replay_info"]["isReplayed"] is True
+            assert got.get("keep") == (1 if isinstance(internal, dict) else None)
