@@ -232,6 +232,10 @@ def resolve_targets(
     subscribe need one only to look an app up by name).
     """
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # It goes into an HTTP header, which takes neither newlines nor bytes
+        # that are not ASCII; no token we issue holds any.
+        raise CtlError("the admin token must be printable ASCII")
     if args.url:
         urls = split_urls(args.url)
         token = token or token_for_urls(args, urls)
@@ -316,6 +320,13 @@ def normalize_url(url: str) -> str:
         url = "http://" + url
     if not url.startswith(("http://", "https://")):
         raise CtlError(f"--url {url}: only http:// and https:// are supported")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise CtlError(f"--url {url}: {exc}") from None
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise CtlError(f"--url {url}: not a URL (want http://host:port)")
     return url.rstrip("/")
 
 
@@ -1539,6 +1550,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (ensyncctl status >&-)
+        sys.stdout = open(os.devnull, "w")
     args = parse_args(argv)
     try:
         configure_tls(args.cacert or os.environ.get(CACERT_ENV))
@@ -1551,6 +1564,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except OSError as exc:  # stdout on a full disk, say
+        fail(str(exc.strerror or exc).lower())
 
 
 def quiet_broken_pipe() -> int:

@@ -137,7 +137,9 @@ def token_matches(given: str, token: str) -> bool:
     """Constant-time comparison; an empty configured token matches nothing."""
     if not token:
         return False
-    return hmac.compare_digest(given.encode(), token.encode())
+    # A header may carry any bytes; one that is not text is simply wrong.
+    given_bytes = given.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given_bytes, token.encode())
 
 
 # -- cluster view: pure helpers ----------------------------------------------------

@@ -202,3 +202,26 @@ def test_key_create_with_unknown_outcome_says_what_to_do_next(cluster_factory):
                                   "blind", "--send", "*", "--receive", "*"))
     assert "503" in line and "keys list" in line, line
     assert "keys disable blind" in line, line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--url", "http://[::1", "--token", "t", "status"], "Invalid IPv6 URL"),
+    (["--url", "not a url", "--token", "t", "status"], "not a URL"),
+    (["--url", "http://127.0.0.1:1", "--token", "\xff", "status"], "printable ASCII"),
+    (["--url", "http://127.0.0.1:1", "--token", "a\nb", "status"], "printable ASCII"),
+])
+def test_a_bad_url_or_token_is_one_line_and_exit_2(args, says):
+    """These were tracebacks (breaker run, finding 8)."""
+    done = subprocess.run([sys.executable, "-m", "node.ctl", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+
+
+def test_output_to_a_full_disk_is_one_line_and_exit_2():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "node.ctl", "completion", "bash"], cwd=ROOT,
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "no space left" in done.stderr

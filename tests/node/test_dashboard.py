@@ -108,6 +108,8 @@ def test_token_matches_only_the_exact_token_and_never_an_empty_one():
     assert not token_matches("s3cre", "s3cret")
     assert not token_matches("", "")
     assert not token_matches("anything", "")
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: a plain no.
+    assert not token_matches("\udcff\udcfe", "s3cret")
 
 
 def test_lag_counts_entries_behind_the_leaders_commit_index():
@@ -151,6 +153,15 @@ async def test_admin_status_without_credential_is_401(cluster: Cluster):
 
     status, _ = await get(url, "/admin/status", cookie="not-a-session")
     assert status == 401
+
+    # A token that is not text was a 500 with a traceback (breaker run, finding 7).
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /admin/status HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+    status_line = await asyncio.wait_for(reader.readline(), HTTP_TIMEOUT_S)
+    writer.close()
+    assert status_line.split()[1] == b"401", status_line
 
 
 async def test_wrong_token_login_is_401_with_the_login_page(cluster: Cluster):
