@@ -7,8 +7,9 @@ AppendEntries with entries of its choosing; it can attach as a "readonly" node
 and receive the whole log; and its frames are unpickled, which runs code.
 
 The approach. ``cluster_secret`` becomes pysyncobj's ``password``: every frame
-on a peer link is then a Fernet token (AES-128-CBC plus HMAC-SHA256, key derived
-from the secret with PBKDF2), checked before anything is unpickled. A process
+on a peer link is then sealed with AES-256-GCM (``FrameSeal``, key derived from
+the secret with PBKDF2 as pysyncobj does for its Fernet tokens), and checked
+before anything is unpickled. A process
 without the secret cannot produce one frame the node accepts, so it cannot join,
 impersonate a member, read the log or reach the unpickler. Each side of a link
 also sends a random 32-byte key that the other side must put in every later
@@ -32,15 +33,20 @@ stranger costs before its first frame is refused (see the TODO below).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pysyncobj.encryptor import getEncryptor
 
 log = logging.getLogger("ensync.raft.peers")
 
@@ -95,6 +101,58 @@ class PeerRefusals:
         return PeerRefusalStatistics(self.refusals_total, self.last_peer)
 
 
+class FrameSeal:
+    """AES-256-GCM in place of pysyncobj's Fernet on every peer frame.
+
+    Why: Fernet (AES-CBC, HMAC-SHA256, base64 of the whole frame) cost a third
+    of our publish throughput on this machine, because pysyncobj verifies the
+    HMAC twice per frame (``extract_timestamp``, then ``decrypt``) and every
+    step copies the frame. A frame here is the sender's whole-second time in
+    clear (8 bytes, authenticated as associated data, so pysyncobj can still
+    read it first), a random 12-byte nonce, then the sealed data and its tag:
+    one C call each way. The key comes from the Fernet key pysyncobj derives
+    from the secret (PBKDF2), hashed with a label of ours.
+
+    Same guarantees: nothing is unpickled before the tag checks, and a frame
+    without the key is refused. The two sides of a link must both use it, so
+    every member of a cluster runs the same version.
+    """
+
+    LABEL = b"ensync raft peer frames v1"
+    _TIME = struct.Struct(">Q")
+    NONCE_BYTES = 12
+    TAG_BYTES = 16
+    OVERHEAD_BYTES = 8 + NONCE_BYTES + TAG_BYTES
+
+    def __init__(self, fernet: Any) -> None:
+        key = hashlib.sha256(self.LABEL + fernet._signing_key
+                             + fernet._encryption_key).digest()
+        self._aead = AESGCM(key)
+
+    @classmethod
+    def from_secret(cls, secret: str) -> FrameSeal:
+        return cls(getEncryptor(secret))
+
+    def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
+        header = self._TIME.pack(current_time)
+        nonce = os.urandom(self.NONCE_BYTES)
+        return header + nonce + self._aead.encrypt(nonce, data, header)
+
+    def extract_timestamp(self, token: bytes) -> int:
+        if len(token) < self.OVERHEAD_BYTES:
+            raise InvalidToken
+        return self._TIME.unpack_from(token)[0]
+
+    def decrypt(self, token: bytes) -> bytes:
+        if len(token) < self.OVERHEAD_BYTES:
+            raise InvalidToken
+        nonce_end = 8 + self.NONCE_BYTES
+        try:
+            return self._aead.decrypt(token[8:nonce_end], token[nonce_end:], token[:8])
+        except InvalidTag:
+            raise InvalidToken from None
+
+
 class _CheckingEncryptor:
     """One connection's stand-in for pysyncobj's Fernet object.
 
@@ -132,7 +190,7 @@ def check_connection(conn: Any, peer: str, direction: str,
     if conn.encryptor is None or isinstance(conn.encryptor, _CheckingEncryptor):
         return
     conn.encryptor = _CheckingEncryptor(
-        conn.encryptor, lambda: refusals.refused(peer, direction))
+        FrameSeal(conn.encryptor), lambda: refusals.refused(peer, direction))
 
 
 def remote_address(conn: Any) -> str:

@@ -30,7 +30,7 @@ import sys
 import time
 import zlib
 
-from pysyncobj.encryptor import getEncryptor
+from raft.peer_auth import FrameSeal
 
 FRAME_BYTES_MAX = 16 << 20
 RECV_BYTES = 65536
@@ -44,7 +44,7 @@ class PeerLink:
     def __init__(self, address: str, password: str | None, wait_ms: int) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=wait_ms / 1000)
-        self.fernet = getEncryptor(password) if password else None
+        self.fernet = FrameSeal.from_secret(password) if password else None
         self.send_key: bytes | None = None  # the node's key, put in our frames
         self.recv_key: bytes | None = None  # ours, which the node must put in its
         self.buffer = b""

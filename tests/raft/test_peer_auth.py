@@ -10,7 +10,7 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
 from node.main import ConfigError, cluster_secret_of, tls_contexts
-from raft.peer_auth import (REFUSAL_LOG_INTERVAL_MS, PeerRefusals,
+from raft.peer_auth import (REFUSAL_LOG_INTERVAL_MS, FrameSeal, PeerRefusals,
                             _CheckingEncryptor, check_connection,
                             secret_file_too_open)
 from tests.tls import make_test_ca
@@ -52,7 +52,8 @@ def test_every_refusal_counts_but_a_burst_logs_one_line(caplog):
 
 
 def test_a_frame_sealed_with_another_key_is_reported_and_still_refused():
-    ours, theirs = Fernet(Fernet.generate_key()), Fernet(Fernet.generate_key())
+    ours = FrameSeal(Fernet(Fernet.generate_key()))
+    theirs = FrameSeal(Fernet(Fernet.generate_key()))
     reports = []
     checking = _CheckingEncryptor(ours, lambda: reports.append(1))
 
@@ -61,10 +62,23 @@ def test_a_frame_sealed_with_another_key_is_reported_and_still_refused():
     assert checking.decrypt(good) == b"hello"
     assert reports == []
 
-    for frame in (theirs.encrypt_at_time(b"hello", 7), b"plain pickle bytes"):
+    tampered = good[:-1] + bytes([good[-1] ^ 1])
+    later = FrameSeal._TIME.pack(8) + good[8:]  # the clear time is authenticated too
+    for frame in (theirs.encrypt_at_time(b"hello", 7), tampered, later):
         with pytest.raises(InvalidToken):
-            checking.extract_timestamp(frame)
-    assert reports == [1, 1]
+            checking.decrypt(frame)
+    with pytest.raises(InvalidToken):
+        checking.extract_timestamp(b"short")
+    assert reports == [1, 1, 1, 1]
+
+
+def test_the_seal_is_one_key_per_secret_and_a_fresh_nonce_per_frame():
+    a, b = FrameSeal.from_secret("s" * 16), FrameSeal.from_secret("s" * 16)
+    first, second = a.encrypt_at_time(b"x", 1), a.encrypt_at_time(b"x", 1)
+    assert first != second
+    assert b.decrypt(first) == b"x"
+    with pytest.raises(InvalidToken):
+        FrameSeal.from_secret("t" * 16).decrypt(first)
 
 
 def test_checking_wraps_a_connection_once_and_leaves_plain_links_alone():
