@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -116,7 +117,8 @@ async def pipeline(send, count: int, window: int, deadline: float) -> int:
 
 
 async def paced(send, rate_per_s: int, seconds: float) -> list:
-    """Call ``send(i)`` at a steady rate; returns what each call returned."""
+    """Call ``send(i)`` at a steady rate; returns what each call returned (awaited
+    first when it is a coroutine, as nats-py's ``publish_async`` is)."""
     results = []
     count = int(rate_per_s * seconds)
     started = time.perf_counter()
@@ -124,7 +126,8 @@ async def paced(send, rate_per_s: int, seconds: float) -> list:
         delay_s = started + i / rate_per_s - time.perf_counter()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        results.append(send(i))
+        result = send(i)
+        results.append(await result if inspect.iscoroutine(result) else result)
     return results
 
 
@@ -567,7 +570,7 @@ class Nats:
         js = self.nc.jetstream(timeout=10, publish_async_max_pending=4 * count + 1)
         with meter_factory() as meter:
             started = time.perf_counter()
-            futures = await paced_async(
+            futures = await paced(
                 lambda i: js.publish_async(subject, measure.stamped_payload(
                     i, plan.payload_bytes), wait_stall=DRAIN_S_MAX),
                 rate_per_s, plan.e2e_s)
@@ -625,16 +628,3 @@ class Nats:
         await sub.unsubscribe()
         return {"count": receiver.received, "sent": sent, "seconds": seconds,
                 **measure.latency_summary(receiver.ages_ns), **meter.result}
-
-
-async def paced_async(send, rate_per_s: int, seconds: float) -> list:
-    """``paced`` for a coroutine ``send`` (nats-py's publish_async)."""
-    results = []
-    count = int(rate_per_s * seconds)
-    started = time.perf_counter()
-    for i in range(count):
-        delay_s = started + i / rate_per_s - time.perf_counter()
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
-        results.append(await send(i))
-    return results

@@ -72,25 +72,8 @@ class Queue:
 
     def head(self, events: dict, planned: dict, reader, make_event):
         """The pending event with the smallest rank that no plan holds yet."""
-        set_aside = []
-        found = None
-        while found is None:
-            if not self.heap:
-                if self.bound is None or not self._refill(events, reader, make_event):
-                    break
-                continue
-            rank = self.heap[0]
-            ev = events.get((self.p, rank[1]))
-            if ev is None or ev.state != schema.PENDING or ev.rank() != rank:
-                heapq.heappop(self.heap)
-                continue
-            if (self.p, ev.off) in planned:
-                set_aside.append(heapq.heappop(self.heap))
-                continue
-            found = ev
-        for rank in set_aside:
-            heapq.heappush(self.heap, rank)
-        return found
+        found = self.heads(1, events, planned, reader, make_event)
+        return found[0] if found else None
 
     def heads(self, count: int, events: dict, planned: dict, reader,
               make_event) -> list:
