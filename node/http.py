@@ -80,7 +80,8 @@ def _admin_allowed(request: web.Request) -> bool:
     """The Bearer token, or a dashboard login cookie (node/dashboard.py)."""
     token = request.app[NODE_KEY].cfg.admin_token
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme == "Bearer" and dashboard.token_matches(given, token):
+    # The scheme is case-insensitive (RFC 9110, section 11.1).
+    if scheme.lower() == "bearer" and dashboard.token_matches(given.strip(), token):
         return True
     return request.app[DASHBOARD_KEY].logged_in(request)
 

@@ -154,6 +154,15 @@ async def test_admin_status_without_credential_is_401(cluster: Cluster):
     status, _ = await get(url, "/admin/status", cookie="not-a-session")
     assert status == 401
 
+    # The scheme is case-insensitive; the token is not.
+    async with aiohttp.ClientSession() as http:
+        for header, want in ((f"bearer {cluster.admin_token}", 200),
+                             (f"BEARER {cluster.admin_token}", 200),
+                             (f"bearer {cluster.admin_token.upper()}x", 401)):
+            async with http.get(url + "/admin/status", timeout=_timeout(),
+                                headers={"Authorization": header}) as response:
+                assert response.status == want, header
+
     # A token that is not text was a 500 with a traceback (breaker run, finding 7).
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
