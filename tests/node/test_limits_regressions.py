@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import time
 
 import aiohttp
@@ -24,32 +25,52 @@ from tests.cluster import Cluster
 REPLY_BYTES_MAX = 4 << 20
 PUBLISHES = 24
 PAYLOAD = base64.b64encode(b"x" * 600_000).decode()  # 800 KB once base64
+PAUSE_WAIT_S = 20.0
 REPLIES_WAIT_S = 60.0
+POLL_S = 0.02
 
 
 def test_pipelined_large_publishes_pause_reads_and_all_commit(tmp_path):
-    with Cluster(1, base_dir=tmp_path, extra_flags=[
-            "--reply-bytes-max", str(REPLY_BYTES_MAX)]) as cluster:
+    """The followers are stopped, so nothing commits and every request stays
+    unanswered: the leader must stop reading once they fill reply_bytes_max.
+    Then the followers go on, and every publish commits."""
+    with Cluster(3, base_dir=tmp_path, extra_flags=[
+            "--reply-bytes-max", str(REPLY_BYTES_MAX),
+            "--write-timeout-ms", "30000"]) as cluster:
         key = cluster.create_key("big-publisher", ["big/*"], ["big/*"])
-        before = cluster.metrics("n1").get("ensync_reply_bytes_pauses_total", 0.0)
+        leader = cluster.leader()
+        followers = [n for n in cluster.node_ids if n != leader]
 
-        async def publish_all() -> list[str]:
-            client = Client(cluster.ws_url("n1"))
+        def pauses() -> float:
+            return cluster.metrics(leader).get("ensync_reply_bytes_pauses_total", 0.0)
+
+        async def publish_all() -> tuple[list[str], float]:
+            client = Client(cluster.ws_url(leader))
             await client.connect(key["access_key"])
+            before = pauses()
+            for node_id in followers:
+                cluster.kill(node_id, signal.SIGSTOP)
             try:
                 sent = [client.publish("big/x", key["app_id"], PAYLOAD)
                         for _ in range(PUBLISHES)]
-                return await asyncio.wait_for(asyncio.gather(*sent), REPLIES_WAIT_S)
+                deadline = time.monotonic() + PAUSE_WAIT_S
+                while (paused := await asyncio.to_thread(pauses) - before) < 1:
+                    assert time.monotonic() < deadline, "reads never paused"
+                    await asyncio.sleep(POLL_S)
+            finally:
+                for node_id in followers:
+                    cluster.kill(node_id, signal.SIGCONT)
+            try:
+                replies = await asyncio.wait_for(asyncio.gather(*sent), REPLIES_WAIT_S)
             finally:
                 await client.close()
+            return replies, paused
 
-        replies = asyncio.run(publish_all())
-        after = cluster.metrics("n1").get("ensync_reply_bytes_pauses_total", 0.0)
+        replies, paused = asyncio.run(publish_all())
 
+    assert paused >= 1
     assert all("IDEM=" in reply for reply in replies), replies[:3]
     assert len({reply.split("IDEM=")[1].split(";")[0] for reply in replies}) == PUBLISHES
-    # 24 x 800 KB in flight is far over 4 MiB: the reader had to wait.
-    assert after - before >= 1
 
 
 FRAMES_PER_S_MAX = 200
