@@ -282,19 +282,25 @@ class Ours:
         return {"count": receiver.received, "stored": stored, "seconds": seconds,
                 "acked": len(acks), **meter.result}
 
-    async def e2e(self, plan: Plan, meter_factory, rate_per_s: int) -> dict:
-        name = f"bench/e2e{rate_per_s}"
-        count = int(rate_per_s * plan.e2e_s)
-        receiver = Receiver(count)
+    async def _acking_consumer(self, node: str, name: str, receiver) -> tuple:
+        """A consumer on ``node`` subscribed to ``name`` that records each
+        record's age in ``receiver`` and acks it; (client, the ack futures)."""
         acks = []
 
         def on_record(record: dict) -> None:
             receiver.got(measure.b64_stamp_age_ns(record["payload"]))
             acks.append(consumer.ack(record["idem"], record["block"], record["name"]))
 
-        consumer = await self._client(self.followers[0], self.sink, on_record)
+        consumer = await self._client(node, self.sink, on_record)
         await self._subscribe(consumer, name)
         await asyncio.sleep(SUB_SETTLE_S)
+        return consumer, acks
+
+    async def e2e(self, plan: Plan, meter_factory, rate_per_s: int) -> dict:
+        name = f"bench/e2e{rate_per_s}"
+        count = int(rate_per_s * plan.e2e_s)
+        receiver = Receiver(count)
+        consumer, acks = await self._acking_consumer(self.followers[0], name, receiver)
         publisher = await self._client(self.leader, self.pub)
         with meter_factory() as meter:
             started = time.perf_counter()
@@ -340,15 +346,7 @@ class Ours:
         a node that is not the leader."""
         name = "bench/cross"
         receiver = Receiver(plan.cross_events)
-        acks = []
-
-        def on_record(record: dict) -> None:
-            receiver.got(measure.b64_stamp_age_ns(record["payload"]))
-            acks.append(consumer.ack(record["idem"], record["block"], record["name"]))
-
-        consumer = await self._client(self.followers[1], self.sink, on_record)
-        await self._subscribe(consumer, name)
-        await asyncio.sleep(SUB_SETTLE_S)
+        consumer, acks = await self._acking_consumer(self.followers[1], name, receiver)
         publisher = await self._client(self.followers[0], self.pub)
         with meter_factory() as meter:
             started = time.perf_counter()

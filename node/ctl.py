@@ -692,19 +692,29 @@ def unknown_create_advice(name: str) -> str:
 
 
 def render_created_key(record: dict[str, Any], target: Target) -> str:
-    where = target.node_id or target.address
-    rows = [
-        ["access key", str(record.get("access_key", "-"))],
-        ["app id", str(record.get("app_id", "-"))],
+    extra = [
         ["secret key", str(record.get("secret_key", "-"))],
         ["send", ",".join(record.get("send", []))],
         ["receive", ",".join(record.get("receive", []))],
     ]
+    return render_key(record, target, "created", extra,
+                      "the secret key is shown only now; store it somewhere safe")
+
+
+def render_key(record: dict[str, Any], target: Target, verb: str,
+               extra: list[list[str]], footer: str) -> str:
+    """A created or rotated key: access key, app id, ``extra`` rows, expiry."""
+    where = target.node_id or target.address
+    rows = [
+        ["access key", str(record.get("access_key", "-"))],
+        ["app id", str(record.get("app_id", "-"))],
+        *extra,
+    ]
     if record.get("expires_ms"):
         rows.append(["expires", format_ms(record["expires_ms"]) + " UTC"])
-    lines = [f"created key {record.get('name', '?')!r} via {where}"]
+    lines = [f"{verb} key {record.get('name', '?')!r} via {where}"]
     lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
-    lines.append("the secret key is shown only now; store it somewhere safe")
+    lines.append(footer)
     return "\n".join(lines)
 
 
@@ -1032,17 +1042,8 @@ def cmd_keys_action(args: argparse.Namespace) -> int:
 
 
 def render_rotated_key(record: dict[str, Any], target: Target) -> str:
-    where = target.node_id or target.address
-    rows = [
-        ["access key", str(record.get("access_key", "-"))],
-        ["app id", str(record.get("app_id", "-"))],
-    ]
-    if record.get("expires_ms"):
-        rows.append(["expires", format_ms(record["expires_ms"]) + " UTC"])
-    lines = [f"rotated key {record.get('name', '?')!r} via {where}"]
-    lines += ["  ".join((label.ljust(10), value)) for label, value in rows]
-    lines.append("the old access key no longer works; the secret key is unchanged")
-    return "\n".join(lines)
+    return render_key(record, target, "rotated", [],
+                      "the old access key no longer works; the secret key is unchanged")
 
 
 # ---------------------------------------------------------------------------
